@@ -1,0 +1,368 @@
+"""Calibration statistics: one forward + backward pass over calibration batches.
+
+What is collected (padding tokens, attention_mask == 0, are left out of everything):
+
+- `grams[g]` = sum over tokens of x x^T (float64) for each input group g: layers that read the same
+  tensor (q/k/v, gate/up) share one Gram, computed once. `tokens[g]` = number of tokens summed.
+- `row_fisher[t]`, `col_fisher[t]`: the empirical weight Fisher F = sum over batches of (dL/dW)^2,
+  L = summed loss of the batch, reduced at once to rows (sum_j F_ij, [out]) and input features
+  (sum_i F_ij, [in]); the full F is never stored.
+- `neuron_fisher[t]`: g_i = mean over tokens of (dl/dy_i)^2 with l the SUM of the token losses, so the
+  gradient at each token is that token's own (not divided by the batch size).
+- `block_importance`: ShortGPT's Block Influence (Men et al. 2024), BI_b = 1 - mean over tokens of
+  cos(h_in, h_out) of block b. Chosen because it measures directly how much a block changes the
+  residual stream, is scale-free (in [0, 2], comparable across blocks and models without
+  normalisation), needs no labels and is the standard criterion for depth-wise layer importance. A
+  Fisher-based score would add a loss signal, but its scale grows with depth-wise gradient norms and
+  would need an extra normalisation choice.
+
+Losses: "causal-lm" = summed next-token cross-entropy over pairs of unpadded positions (any "labels"
+in a batch are ignored); "classification" = summed cross-entropy of the logits against batch["labels"].
+
+Memory is bounded by the Gram matrices (n^2 per input group) plus a few vectors per layer, whatever
+the number of batches; activations live only for one batch. The model runs in eval mode (no dropout)
+with gradients enabled only for the targeted weights; its training mode and requires_grad flags are
+restored afterwards and all gradients are cleared. Statistics are accumulated on the model's device
+and returned on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import UserInputError
+from .methods import LayerStats
+from .targets import Target, find_blocks, find_targets, get_module, weight_matrix
+
+TASKS = ("causal-lm", "classification")
+FORMAT = "lowrank-sweep/calibration"
+VERSION = "1"
+
+
+@dataclass(eq=False)
+class CalibrationStats:
+    """Statistics of one calibration pass; see the module docstring for the meaning of each field."""
+
+    targets: list[Target]
+    grams: dict[str, torch.Tensor]
+    tokens: dict[str, int]
+    row_fisher: dict[str, torch.Tensor]
+    col_fisher: dict[str, torch.Tensor]
+    neuron_fisher: dict[str, torch.Tensor]
+    block_importance: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    def layer(self, name: str) -> LayerStats:
+        """The statistics of target `name` (its Gram is shared with its input group)."""
+        t = next((t for t in self.targets if t.name == name), None)
+        if t is None:
+            raise UserInputError(f"layer '{name}' has no calibration statistics; calibrated layers: "
+                                 f"{', '.join(t.name for t in self.targets[:5])}, ...")
+        return LayerStats(gram=self.grams[t.input_group], tokens=self.tokens[t.input_group],
+                          row_fisher=self.row_fisher[name], col_fisher=self.col_fisher[name],
+                          neuron_fisher=self.neuron_fisher[name])
+
+    def check_matches(self, model: nn.Module) -> None:
+        """UserInputError naming the first layer where `model` differs from what was calibrated."""
+        where = f"calibration statistics ({self.meta.get('model_class', '?')}) vs model {type(model).__name__}"
+        try:
+            found = {t.name: t for t in find_targets(model, roles=sorted({t.role for t in self.targets}))}
+        except UserInputError as e:
+            raise UserInputError(f"{where}: {e}") from e
+        mine = {t.name: t for t in self.targets}
+        for t in self.targets:
+            other = found.get(t.name)
+            if other is None:
+                raise UserInputError(f"{where}: the model has no {t.role} layer '{t.name}'")
+            if other != t:
+                raise UserInputError(
+                    f"{where}: layer '{t.name}' is {_describe(t)} in the statistics but {_describe(other)} "
+                    "in the model"
+                )
+        extra = [n for n in found if n not in mine]
+        if extra:
+            raise UserInputError(f"{where}: layer '{extra[0]}' of the model has no statistics")
+        n_blocks = len(find_blocks(model))
+        if n_blocks != len(self.block_importance):
+            raise UserInputError(f"{where}: {len(self.block_importance)} blocks calibrated, model has {n_blocks}")
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """A flat dict of contiguous tensors and a str -> str metadata dict (JSON values), ready for
+        `safetensors.torch.save_file(tensors, path, metadata=metadata)`."""
+        tensors = {f"gram/{g}": v.contiguous() for g, v in self.grams.items()}
+        for kind in ("row_fisher", "col_fisher", "neuron_fisher"):
+            tensors |= {f"{kind}/{n}": v.contiguous() for n, v in getattr(self, kind).items()}
+        tensors["block_importance"] = self.block_importance.contiguous()
+        metadata = {
+            "format": FORMAT,
+            "version": VERSION,
+            "targets": json.dumps([asdict(t) for t in self.targets]),
+            "tokens": json.dumps(self.tokens),
+            "meta": json.dumps(self.meta),
+        }
+        return tensors, metadata
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> CalibrationStats:
+        """Inverse of `to_tensors`."""
+        if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
+            raise UserInputError(f"calibration file: format {metadata.get('format')!r} version "
+                                 f"{metadata.get('version')!r}; expected {FORMAT!r} version {VERSION!r}")
+        targets = [Target(**d) for d in json.loads(metadata["targets"])]
+
+        def get(key: str) -> torch.Tensor:
+            if key not in tensors:
+                raise UserInputError(f"calibration file is incomplete: tensor '{key}' is missing")
+            return tensors[key]
+
+        groups = dict.fromkeys(t.input_group for t in targets)
+        return cls(
+            targets=targets,
+            grams={g: get(f"gram/{g}") for g in groups},
+            tokens={g: int(n) for g, n in json.loads(metadata["tokens"]).items()},
+            row_fisher={t.name: get(f"row_fisher/{t.name}") for t in targets},
+            col_fisher={t.name: get(f"col_fisher/{t.name}") for t in targets},
+            neuron_fisher={t.name: get(f"neuron_fisher/{t.name}") for t in targets},
+            block_importance=get("block_importance"),
+            meta=json.loads(metadata["meta"]),
+        )
+
+    def nbytes(self) -> int:
+        """Bytes held by all tensors."""
+        tensors, _ = self.to_tensors()
+        return sum(v.numel() * v.element_size() for v in tensors.values())
+
+    def to(self, device: torch.device | str) -> CalibrationStats:
+        """A copy with every tensor on `device`."""
+
+        def move(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.to(device) for k, v in d.items()}
+
+        return CalibrationStats(list(self.targets), move(self.grams), dict(self.tokens), move(self.row_fisher),
+                                move(self.col_fisher), move(self.neuron_fisher), self.block_importance.to(device),
+                                dict(self.meta))
+
+
+def _describe(t: Target) -> str:
+    kind = "Conv1D" if t.transposed else "Linear"
+    return f"role {t.role}, block {t.block}, [{t.out_features} x {t.in_features}] {kind}, input group {t.input_group}"
+
+
+def estimate_stats_bytes(model: nn.Module, targets: list[Target] | None = None) -> int:
+    """Bytes `collect_stats` will return, from shapes alone (float64 everywhere)."""
+    targets = find_targets(model) if targets is None else targets
+    grams = {t.input_group: t.in_features**2 for t in targets}
+    vectors = sum(2 * t.out_features + t.in_features for t in targets)
+    return 8 * (sum(grams.values()) + vectors + len(find_blocks(model)))
+
+
+@dataclass
+class _Group:
+    """Accumulator of one input group and the check that its members really share their input."""
+
+    members: frozenset[str]
+    gram: torch.Tensor
+    tokens: int = 0
+    current: torch.Tensor | None = None
+    pending: set[str] = field(default_factory=set)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
+
+
+class _Collector:
+    """Hooks and accumulators of one calibration pass."""
+
+    def __init__(self, model: nn.Module, targets: list[Target], blocks: list[nn.Module], device: torch.device):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.targets = targets
+        self.groups: dict[str, _Group] = {}
+        for t in targets:
+            g = self.groups.setdefault(
+                t.input_group, _Group(frozenset(), torch.zeros(t.in_features, t.in_features, **f64)))
+            g.members |= {t.name}
+        self.row = {t.name: torch.zeros(t.out_features, **f64) for t in targets}
+        self.col = {t.name: torch.zeros(t.in_features, **f64) for t in targets}
+        self.neuron = {t.name: torch.zeros(t.out_features, **f64) for t in targets}
+        self.cos_sum = torch.zeros(len(blocks), **f64)
+        self.cos_count = torch.zeros(len(blocks), **f64)
+        self.mask = torch.ones(0, dtype=torch.bool)
+        self.handles = []
+        for t in targets:
+            module = get_module(model, t.name)
+            self.handles.append(module.register_forward_hook(self._target_hook(t)))
+            self.handles.append(module.weight.register_post_accumulate_grad_hook(self._grad_hook(t)))
+        for b, block in enumerate(blocks):
+            self.handles.append(block.register_forward_hook(self._block_hook(b), with_kwargs=True))
+
+    def rows(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The unpadded token rows of an activation [..., d] as [tokens, d]."""
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] != self.mask.numel():
+            raise RuntimeError(f"{name}: activation has {flat.shape[0]} token rows, the batch has {self.mask.numel()}")
+        return flat[self.mask]
+
+    def _target_hook(self, t: Target):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0]
+            group = self.groups[t.input_group]
+            if group.current is None or not _same_tensor(group.current, x):
+                if group.pending:
+                    raise RuntimeError(f"input group '{t.input_group}': {sorted(group.pending)} did not read the "
+                                       f"same input as {t.name}; find_targets' grouping is wrong for this model")
+                group.current, group.pending = x, set(group.members)
+                with torch.no_grad():
+                    rows = self.rows(x, t.name).to(torch.float64)
+                    group.gram.addmm_(rows.T, rows)
+                    group.tokens += rows.shape[0]
+            group.pending.discard(t.name)
+            if output.requires_grad:
+                mask = self.mask
+                acc = self.neuron[t.name]
+
+                def grad_hook(grad: torch.Tensor) -> None:
+                    acc.add_(grad.reshape(-1, grad.shape[-1])[mask].to(torch.float64).square().sum(0))
+
+                output.register_hook(grad_hook)
+
+        return hook
+
+    def _grad_hook(self, t: Target):
+        out_dim, in_dim = (1, 0) if t.transposed else (0, 1)
+
+        def hook(param: nn.Parameter) -> None:
+            sq = param.grad.detach().to(torch.float64).square()
+            self.row[t.name].add_(sq.sum(in_dim))
+            self.col[t.name].add_(sq.sum(out_dim))
+            param.grad = None
+
+        return hook
+
+    def _block_hook(self, b: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, (tuple, list)) else output
+            with torch.no_grad():
+                cos = F.cosine_similarity(self.rows(h_in, f"block {b}").float(), self.rows(h_out, f"block {b}").float(),
+                                          dim=-1)
+                self.cos_sum[b] += cos.sum().to(torch.float64)
+                self.cos_count[b] += cos.numel()
+
+        return hook
+
+    def begin(self, attention_mask: torch.Tensor) -> None:
+        self.mask = attention_mask.reshape(-1).bool()
+
+    def end(self) -> None:
+        for name, g in self.groups.items():
+            if g.pending:
+                raise RuntimeError(f"input group '{name}': {sorted(g.pending)} never read its input")
+            g.current = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def result(self, meta: dict) -> CalibrationStats:
+        tokens = {name: g.tokens for name, g in self.groups.items()}
+        by_target = {t.name: max(tokens[t.input_group], 1) for t in self.targets}
+        stats = CalibrationStats(
+            targets=list(self.targets),
+            grams={name: g.gram for name, g in self.groups.items()},
+            tokens=tokens,
+            row_fisher=self.row,
+            col_fisher=self.col,
+            neuron_fisher={n: v / by_target[n] for n, v in self.neuron.items()},
+            block_importance=1.0 - self.cos_sum / self.cos_count.clamp(min=1),
+            meta=meta,
+        )
+        return stats.to("cpu")
+
+
+def _loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], mask: torch.Tensor, task: str) -> torch.Tensor:
+    """Summed loss of a batch (see the module docstring)."""
+    if task == "classification":
+        if "labels" not in batch:
+            raise UserInputError("calibration batches for task 'classification' need 'labels'")
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    valid = mask[:, :-1] & mask[:, 1:]
+    return F.cross_entropy(logits[:, :-1][valid].float(), batch["input_ids"][:, 1:][valid], reduction="sum")
+
+
+def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task: str = "causal-lm",
+                  targets: list[Target] | None = None, progress: bool = True) -> CalibrationStats:
+    """One pass over `batches` (dicts with input_ids, attention_mask, and labels for classification).
+
+    `targets` defaults to `find_targets(model)`. Returns the statistics on the CPU.
+    """
+    if task not in TASKS:
+        raise UserInputError(f"task {task!r}: allowed {', '.join(TASKS)}")
+    targets = find_targets(model) if targets is None else list(targets)
+    if not targets:
+        raise UserInputError("calibration targets: empty list")
+    for t in targets:
+        shape = tuple(weight_matrix(model, t).shape)
+        if shape != (t.out_features, t.in_features):
+            raise UserInputError(f"calibration target '{t.name}' is [{t.out_features} x {t.in_features}], "
+                                 f"the model's layer is [{shape[0]} x {shape[1]}]")
+    blocks = find_blocks(model)
+    params = list(model.parameters())
+    device = params[0].device
+    was_training = model.training
+    flags = [p.requires_grad for p in params]
+    start = time.perf_counter()
+    n_batches = n_sequences = seq_len = 0
+    collector = _Collector(model, targets, blocks, device)
+    try:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        for p in params:
+            p.requires_grad_(False)
+        for t in targets:
+            get_module(model, t.name).weight.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                if "input_ids" not in batch:
+                    raise UserInputError("calibration batches need 'input_ids'")
+                mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+                collector.begin(mask)
+                output = model(**{k: v for k, v in batch.items() if k != "labels"})
+                logits = getattr(output, "logits", None)
+                if logits is None:
+                    raise UserInputError(f"model {type(model).__name__} returns no logits; calibration needs a "
+                                         "model with a language-model or classification head")
+                _loss(logits, batch, mask, task).backward()
+                collector.end()
+                n_batches += 1
+                n_sequences += batch["input_ids"].shape[0]
+                seq_len = max(seq_len, batch["input_ids"].shape[1])
+    finally:
+        collector.remove()
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if n_batches == 0:
+        raise UserInputError("calibration batches: got none")
+    meta = {
+        "model_class": type(model).__name__,
+        "n_params": sum(p.numel() for p in params),
+        "dtype": str(params[0].dtype).removeprefix("torch."),
+        "task": task,
+        "batches": n_batches,
+        "sequences": n_sequences,
+        "seq_len": seq_len,
+        "seconds": round(time.perf_counter() - start, 3),
+        "block_importance": "block influence: 1 - mean cos(h_in, h_out)",
+    }
+    return collector.result(meta)
