@@ -1,0 +1,133 @@
+"""`id`: interpolative decomposition of an MLP's intermediate activations (structured pruning).
+
+H [f, tokens] are the activations entering the down projection (W_d [h, f]), G = H H^T their
+Gram. Keeping neurons J and folding an interpolation matrix C [f, k] into the down projection
+gives W_d H ~ (W_d C) H_J: a narrower dense MLP (the caller keeps rows J of up/gate/fc1).
+
+Neuron order: column-pivoted QR of any square-root factor R of G (R^T R = G) picks, at each
+step, the column with the largest residual norm after projecting out the chosen ones; that
+residual norm^2 is the diagonal of the Schur complement of G, so greedy pivoted Cholesky on G
+itself gives the same pivots, in torch, on any device, and never needs R.
+
+With G[p, p] = L L^T (pivot order p = (J, rest)), the least-squares interpolation
+C = G[:, J] G[J, J]^-1 is [I; L21 L11^-1]: identity on the kept neurons (so k = f reproduces the
+MLP exactly) and a triangular solve for the others. The error of keeping the first k pivots is
+tr(W_d (G - G[:, J] G[J, J]^-1 G[J, :]) W_d^T) = sum_{j >= k} ||W_d l_j||^2 (l_j = Cholesky
+column j): `loss_curve` is this exact value, in the same units as `whiten` (squared output error
+of the down projection summed over calibration tokens).
+
+Rank deficiency (fewer tokens than neurons, dead or collinear neurons): the factorisation stops
+when the largest residual diagonal falls below `rtol` times the largest diagonal of G; the
+remaining neurons are appended in order of their residual output energy d_i ||W_d[:, i]||^2,
+interpolated from the numerically independent pivots only (no ill-conditioned solve), and their
+loss_curve part uses that diagonal estimate (it is below rtol of the total anyway).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from compression.errors import UserInputError
+from compression.methods.base import _check_rank, as_float64
+
+
+def pivoted_cholesky(gram: Tensor, rtol: float = 1e-10) -> tuple[Tensor, Tensor, Tensor]:
+    """Greedy pivoted Cholesky of a PSD G [f, f] (float64).
+
+    Returns (order [f] long, factor [f, r] with G ~ factor @ factor.T in ORIGINAL row order and
+    column j belonging to pivot order[j], residual diagonal [f] after r steps), r = numerical rank.
+    """
+    f = gram.shape[0]
+    diag = gram.diagonal().clone().clamp(min=0)
+    tol = rtol * float(diag.max()) if f else 0.0
+    factor = gram.new_zeros(f, f)
+    taken = torch.zeros(f, dtype=torch.bool, device=gram.device)
+    order: list[int] = []
+    for j in range(f):
+        p = int(torch.argmax(diag.masked_fill(taken, -1.0)))
+        pivot = float(diag[p])
+        if pivot <= tol or pivot <= 0:
+            break
+        col = gram[:, p] - factor[:, :j] @ factor[p, :j]
+        col = col / pivot**0.5
+        col[taken] = 0.0
+        factor[:, j] = col
+        taken[p] = True
+        diag = (diag - col.square()).clamp(min=0)
+        diag[p] = 0.0
+        order.append(p)
+    r = len(order)
+    return torch.tensor(order, dtype=torch.long, device=gram.device), factor[:, :r], diag
+
+
+class NeuronDecomposition:
+    """Neuron order and interpolation data of one MLP; `truncate(k)` keeps k neurons."""
+
+    method = "id"
+
+    def __init__(
+        self,
+        down_weight: Tensor,
+        gram: Tensor,
+        rtol: float = 1e-10,
+        store_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        w = down_weight.to(torch.float64)
+        self.out_features, self.max_rank = w.shape
+        pivots, factor, resid = pivoted_cholesky(gram.to(torch.float64), rtol)
+        self.rank = pivots.numel()  # numerical rank of G
+        w_sq = w.square().sum(0)  # ||W_d[:, i]||^2
+        rest = torch.ones(self.max_rank, dtype=torch.bool, device=w.device)
+        rest[pivots] = False
+        rest_idx = rest.nonzero().squeeze(1)
+        # neurons left after the numerical rank: by residual output energy d_i ||W_d[:, i]||^2
+        energy, idx = torch.sort(resid[rest_idx] * w_sq[rest_idx], descending=True, stable=True)
+        tail = rest_idx[idx]
+        self.order = torch.cat([pivots, tail])
+        self._factor = factor[self.order].to(store_dtype)  # rows in pivot order, lower triangular
+        self._down = w[:, self.order].to(store_dtype)  # columns in pivot order
+        contrib = (w @ factor).square().sum(0)  # ||W_d l_j||^2, j < rank
+        per_step = torch.cat([contrib, energy])
+        self._loss = torch.cat(
+            [torch.flip(torch.cumsum(torch.flip(per_step, [0]), 0), [0]), per_step.new_zeros(1)]
+        )
+
+    def truncate(self, k: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """(kept neuron indices [k] sorted ascending, new down weight [h, k] in that order)."""
+        k = _check_rank(k, self.max_rank)
+        r = min(k, self.rank)
+        down = self._down.to(torch.float64)
+        new = down[:, :k].clone()
+        if r > 0 and k < self.max_rank:
+            lf = self._factor.to(torch.float64)
+            # interp [f - k, r]: H_rest ~ interp @ H_{J[:r]}, solves interp @ L11 = L21
+            interp = torch.linalg.solve_triangular(lf[:r, :r], lf[k:, :r], upper=False, left=False)
+            new[:, :r] += down[:, k:] @ interp
+        kept, perm = torch.sort(self.order[:k])
+        return kept, new[:, perm].to(dtype)
+
+    def loss_curve(self) -> Tensor:
+        """[max_rank + 1] float64: squared output error of the down projection keeping k neurons."""
+        return self._loss
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self._factor, self._down, self.order))
+
+    def __repr__(self) -> str:
+        return f"NeuronDecomposition(neurons={self.max_rank}, out={self.out_features}, rank={self.rank})"
+
+
+def select_neurons(
+    gram_down_input: Tensor,
+    down_weight: Tensor,
+    rtol: float = 1e-10,
+    store_dtype: torch.dtype = torch.float32,
+) -> NeuronDecomposition:
+    """The `id` decomposition of an MLP from the Gram of its down-projection input [f, f] and
+    its down weight [h, f] (see module docstring)."""
+    if down_weight.dim() != 2:
+        raise UserInputError(f"down weight must be 2-D [hidden, neurons], got shape {tuple(down_weight.shape)}")
+    f = down_weight.shape[1]
+    gram = as_float64(gram_down_input, "gram of the down-projection input", (f, f), down_weight.device)
+    return NeuronDecomposition(down_weight, 0.5 * (gram + gram.T), rtol, store_dtype)
