@@ -1,1 +1,43 @@
-"""compression."""
+"""compression: low-rank and neuron-pruning compression of transformer LMs (pure PyTorch).
+
+    from compression import collect_stats, decompose_model, plan_ranks, compress, save_compressed
+
+    stats = collect_stats(model, batches)                    # once per model and calibration data
+    decs = decompose_model(model, stats, "whiten-fd")        # once per method
+    plan = plan_ranks(model, stats, "whiten-fd", 0.4, "uniform", decs)   # per ratio / allocation
+    compress(model, stats, "whiten-fd", plan, decs)          # in place; inplace=False copies
+    save_compressed(model, "out/", tokenizer, plan)          # load_compressed("out/") -> model, tokenizer, info
+
+The names below are imported on first use (PEP 562), so `import compression.errors` (the CLI's
+error type) does not pay for importing torch and transformers.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "ALLOCATIONS": "allocation", "RankPlan": "allocation", "Unit": "allocation", "allocate": "allocation",
+    "compress": "apply", "decompose_model": "apply", "make_units": "apply", "plan_ranks": "apply",
+    "prune_mlp": "apply", "replace_low_rank": "apply",
+    "CalibrationStats": "calibration", "collect_stats": "calibration",
+    "UserInputError": "errors",
+    "load_compressed": "io", "save_compressed": "io",
+    "LowRankLinear": "lowrank",
+    "METHODS": "methods", "Decomposition": "methods", "LayerStats": "methods",
+    "NeuronDecomposition": "methods", "decompose": "methods",
+    "MlpGroup": "targets", "Target": "targets", "find_blocks": "targets", "find_mlps": "targets",
+    "find_targets": "targets", "weight_matrix": "targets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'compression' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
