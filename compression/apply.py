@@ -30,7 +30,7 @@ from .allocation import RankPlan, Unit, allocate
 from .calibration import CalibrationStats
 from .errors import UserInputError
 from .lowrank import LowRankLinear, dense_layer, dense_shape, dense_weight, layer_kind, set_dense_weight
-from .methods import METHODS, Decomposition, LayerStats, NeuronDecomposition, decompose
+from .methods import METHODS, Decomposition, LayerStats, NeuronDecomposition, decompose, whitening_factor
 from .targets import MlpGroup, Target, find_mlps, get_module, set_module, weight_matrix
 
 Decompositions = dict[str, Decomposition | NeuronDecomposition]  # unit name -> its decomposition
@@ -136,13 +136,20 @@ def decompose_model(
     else:
         jobs = [(t.name, t.name) for t in stats.targets]
     by_name = {t.name: t for t in stats.targets}
+    whitenings: dict[str, torch.Tensor] = {}  # input group -> its whitening factor, computed once
     out = {}
     for key, layer in tqdm(jobs, desc=f"{method}: decompose", disable=not progress):
         ls = stats.layer(layer)
         layer_stats = LayerStats(gram=_to(ls.gram, device), tokens=ls.tokens, row_fisher=_to(ls.row_fisher, device),
                                  col_fisher=_to(ls.col_fisher, device), neuron_fisher=_to(ls.neuron_fisher, device))
         weight = weight_matrix(model, by_name[layer]).detach().to(device)
-        out[key] = decompose(method, weight, layer_stats, alpha=alpha, store_dtype=store_dtype)
+        whitening = None
+        if method.startswith("whiten"):
+            group = by_name[layer].input_group
+            if group not in whitenings:
+                whitenings[group] = whitening_factor(layer_stats.gram)
+            whitening = whitenings[group]
+        out[key] = decompose(method, weight, layer_stats, alpha=alpha, store_dtype=store_dtype, whitening=whitening)
     return out
 
 

@@ -385,3 +385,22 @@ def test_package_exports():
     assert {"save_compressed", "load_compressed", "plan_ranks", "collect_stats", "METHODS"} <= set(compression.__all__)
     with pytest.raises(AttributeError):
         compression.nope
+
+
+def test_shared_whitening_equals_per_layer_decomposition(llama):
+    """decompose_model computes one whitening per input group (q/k/v, gate/up); the factors must
+    equal those of decomposing every layer on its own."""
+    from compression.methods import LayerStats, decompose
+    from compression.targets import weight_matrix
+
+    model, _, stats = llama
+    shared = decompose_model(model, stats, "whiten-fd", store_dtype=torch.float64)
+    for t in stats.targets:
+        ls = stats.layer(t.name)
+        alone = decompose("whiten-fd", weight_matrix(model, t).detach(),
+                          LayerStats(ls.gram, ls.tokens, ls.row_fisher, ls.col_fisher, ls.neuron_fisher),
+                          store_dtype=torch.float64)
+        k = max(1, alone.max_rank // 2)
+        a1, b1 = shared[t.name].truncate(k, torch.float64)
+        a2, b2 = alone.truncate(k, torch.float64)
+        torch.testing.assert_close(a1 @ b1, a2 @ b2, rtol=0, atol=1e-10)

@@ -39,6 +39,7 @@ def decompose(
     eps: float = 1e-6,
     clamp: float = 1e-12,
     store_dtype: torch.dtype = torch.float32,
+    whitening: Tensor | None = None,
 ) -> Decomposition | NeuronDecomposition:
     """Decompose one weight [out, in] (float, on any device; results stay on that device).
 
@@ -47,6 +48,8 @@ def decompose(
     clamp: floor of the eigenvalues of G relative to the largest (whitening).
     store_dtype: dtype of the stored singular vectors / factors (float32 halves the memory;
         all arithmetic is float64).
+    whitening: a precomputed `whitening_factor(stats.gram, clamp)` to share between layers that
+        read the same input (whitening methods only).
     For `id`, `weight` is the MLP's down projection [h, f] and `stats.gram` the Gram of its
     input (the intermediate activations); the result selects neurons (`select_neurons` with its
     default rank tolerance).
@@ -63,4 +66,4 @@ def decompose(
                 "method 'id' needs the Gram matrix of the down-projection input (stats.gram)"
             )
         return select_neurons(stats.gram, weight, store_dtype=store_dtype)
-    return decompose_svd_family(method, weight, stats, alpha, eps, clamp, store_dtype)
+    return decompose_svd_family(method, weight, stats, alpha, eps, clamp, store_dtype, whitening)

@@ -89,8 +89,13 @@ def decompose_svd_family(
     eps: float = 1e-6,
     clamp: float = 1e-12,
     store_dtype: torch.dtype = torch.float32,
+    whitening: Tensor | None = None,
 ) -> Decomposition:
-    """The ratio-independent decomposition of `weight` [m, n] for one SVD-family method."""
+    """The ratio-independent decomposition of `weight` [m, n] for one SVD-family method.
+
+    `whitening`: a precomputed `whitening_factor(stats.gram, clamp)`, so layers reading the same
+    input (q/k/v, gate/up) share one eigendecomposition.
+    """
     m, n = weight.shape
     dev = weight.device
     stats = stats if stats is not None else LayerStats()
@@ -105,7 +110,8 @@ def decompose_svd_family(
         col = as_float64(stats.col_fisher, "col_fisher", (n,), dev)
         right, _ = _scale(col, eps)
     if method.startswith("whiten"):
-        right = whitening_factor(as_float64(stats.gram, "gram", (n, n), dev), clamp)
+        right = whitening if whitening is not None else whitening_factor(
+            as_float64(stats.gram, "gram", (n, n), dev), clamp)
     if method == "whiten-fw":
         row, _ = _scale(as_float64(stats.row_fisher, "row_fisher", (m,), dev), eps)
     if method == "whiten-fd":
