@@ -466,3 +466,16 @@ def test_gemma3_loads_and_runs():
     assert out.logits.shape == (2, 16, 262144)
     assert 1.0 < out.loss.exp().item() < 1000.0
     del loaded, out
+
+
+def test_tiny_token_ids_do_not_depend_on_the_hash_seed():
+    """The byte alphabet is a set: ids must be the same in every process (PYTHONHASHSEED)."""
+    import subprocess
+    import sys
+
+    code = ("from trainables.sources import load_model; "
+            "print(load_model('tiny:llama').tokenizer('hello world')['input_ids'])")
+    outs = {subprocess.run([sys.executable, "-c", code], env={**__import__('os').environ, "PYTHONHASHSEED": seed},
+                           capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            for seed in ("1", "2")}
+    assert len(outs) == 1

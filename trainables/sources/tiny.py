@@ -35,7 +35,7 @@ def byte_tokenizer(arch: str) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer with the special tokens of `arch` (pad = eos where the arch has no pad)."""
     specials = _SPECIALS[arch]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials.values()))}
-    for char in pre_tokenizers.ByteLevel.alphabet():
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):  # a set: sort for stable ids
         vocab[char] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=specials["unk_token"]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
