@@ -1,0 +1,522 @@
+"""The sweep file: its schema, its validation and its expansion into trial configs.
+
+A sweep file is YAML. Every section forbids unknown keys; every mistake becomes one
+`UserInputError` naming the field (e.g. ``grid[1].ratio[0]``) and what is allowed, before
+anything is started or written. `expand` turns a grid sweep into plain trial dicts (what
+`trainables.trial` receives) with a deterministic `trial_id`; an Optuna sweep becomes one
+base config plus the search space the launcher hands to Optuna.
+
+Resources: without a cluster address, a sweep may not ask for more CPUs or GPUs than the local
+machine has (one trial, or `max_concurrent` trials at once); with an address the cluster (and its
+autoscaler) decides, so that check is left to Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from compression.allocation import ALLOCATIONS
+from compression.errors import UserInputError
+from compression.methods import METHODS
+from trainables.finetune import SCHEDULES
+from trainables.sources import packaged as packaged_sources
+from trainables.sources import tiny as tiny_models
+from trainables.trial import config_id
+
+# Allocations a sweep file may list: those of `compression.allocation` except "explicit" (what
+# Optuna drives internally), plus "optuna" (needs an `optuna` section).
+GRID_ALLOCATIONS = tuple(a for a in ALLOCATIONS if a != "explicit") + ("optuna",)
+# Methods that read the option `alpha` (exponent of the neuron-importance weighting).
+ALPHA_METHODS = ("whiten-fd",)
+
+SCHEMES = ("packaged", "hf", "path", "tiny")
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
+TASK_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def check_source(source: str, kind: str) -> str:
+    """Cheap check of a source string of `kind` (model, text or labelled): scheme, packaged name,
+    tiny architecture, existing path. Nothing is loaded."""
+    scheme, sep, rest = source.partition(":")
+    if not sep or scheme not in SCHEMES:
+        raise ValueError(f"source {source!r} has no known scheme; allowed: {', '.join(s + ':' for s in SCHEMES)} "
+                         f"(`lrsweep sources` lists them)")
+    if not rest:
+        raise ValueError(f"source {source!r} names nothing after {scheme + ':'!r}")
+    if scheme == "packaged":
+        try:
+            packaged_sources.get(rest, kind)
+        except UserInputError as e:
+            raise ValueError(str(e)) from None
+    if scheme == "tiny":
+        if kind != "model":
+            raise ValueError(f"source {source!r}: tiny: names a model, not {kind} data")
+        if rest not in tiny_models.ARCHS:
+            raise ValueError(f"unknown tiny architecture {rest!r}; allowed: "
+                             f"{', '.join('tiny:' + a for a in tiny_models.ARCHS)}")
+    if scheme == "path" and not Path(rest).expanduser().exists():
+        raise ValueError(f"source {source!r}: no file or folder {rest!r} (relative paths start at "
+                         f"the current directory)")
+    return source
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PosInt = Annotated[int, Field(ge=1)]
+
+
+class TrainSettings(Section):
+    """Optimizer settings shared by the per-trial finetune and the dense task finetune."""
+
+    steps: int = Field(0, ge=0)
+    lr: float = Field(5e-5, gt=0)
+    batch_size: PosInt = 8
+    grad_accum: PosInt = 1
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    schedule: Literal[SCHEDULES] = "cosine"  # type: ignore[valid-type]
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_warmup(self):
+        if self.warmup_steps is not None and self.warmup_ratio:
+            raise ValueError("warmup_steps and warmup_ratio are exclusive; give one of them")
+        return self
+
+
+class CausalLMTask(Section):
+    type: Literal["causal-lm"]
+    eval: str = Field(description="text source of the held-out perplexity windows")
+    seq_len: int = Field(256, ge=8)
+    eval_windows: PosInt = 32
+    eval_batch_size: PosInt = 8
+    train: str | None = Field(None, description="text source for finetuning (default: calibration.source)")
+    train_windows: PosInt | None = Field(None, description="finetuning windows (default: all that remain)")
+
+    _eval = field_validator("eval")(lambda v: check_source(v, "text"))
+    _train = field_validator("train")(lambda v: v if v is None else check_source(v, "text"))
+
+
+class ClassificationTask(Section):
+    type: Literal["classification"]
+    train: str = Field(description="labelled source; its train split finetunes and calibrates")
+    eval: str | None = Field(None, description="labelled source to evaluate on (default: train)")
+    eval_split: Literal["validation", "test"] = "validation"
+    text_column: str | None = None
+    label_column: str | None = None
+    max_length: int = Field(128, ge=8)
+    eval_examples: PosInt | None = None
+    train_examples: PosInt | None = None
+    eval_batch_size: PosInt = 32
+    dense_finetune: TrainSettings = TrainSettings(
+        steps=300, lr=1e-4, batch_size=32, warmup_ratio=0.1, schedule="linear", weight_decay=0.01)
+
+    _train = field_validator("train")(lambda v: check_source(v, "labelled"))
+    _eval = field_validator("eval")(lambda v: v if v is None else check_source(v, "labelled"))
+
+
+TASK_MODELS.update({"causal-lm": CausalLMTask, "classification": ClassificationTask})
+
+
+class Calibration(Section):
+    source: str | None = Field(None, description="default: task.train (classification) or task.eval")
+    samples: PosInt = 128
+    seq_len: int | None = Field(None, ge=8, description="default: task.seq_len / task.max_length")
+    batch_size: PosInt = 8
+    seed: int | None = Field(None, description="default: the sweep seed")
+
+
+class GridBlock(Section):
+    method: list[str] = Field(min_length=1)
+    ratio: list[float] = Field(min_length=1)
+    allocation: list[str] | None = Field(None, min_length=1, description="default: [uniform], or [optuna] in an Optuna sweep")
+    alpha: list[float] | None = Field(None, min_length=1)
+
+    @field_validator("method")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if m not in METHODS:
+                raise ValueError(f"unknown method {m!r}; allowed: {', '.join(METHODS)}")
+        return _unique(v)
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        for r in v:
+            if not 0 < r < 1:
+                raise ValueError(f"ratio {r} is outside (0, 1): it is the fraction of the targeted "
+                                 f"parameters removed, e.g. 0.2 or 0.4")
+        return _unique(v)
+
+    @field_validator("allocation")
+    @classmethod
+    def _allocations(cls, v: list[str] | None) -> list[str] | None:
+        for a in v or ():
+            if a not in GRID_ALLOCATIONS:
+                raise ValueError(f"unknown allocation {a!r}; allowed: {', '.join(GRID_ALLOCATIONS)}")
+        return v if v is None else _unique(v)
+
+    @field_validator("alpha")
+    @classmethod
+    def _alphas(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            for a in v:
+                if not (math.isfinite(a) and a >= 0):
+                    raise ValueError(f"alpha {a} must be a number >= 0 (0 = plain whitening)")
+        return v if v is None else _unique(v)
+
+    def combinations(self) -> list[dict]:
+        out = []
+        for method, ratio, allocation in itertools.product(self.method, self.ratio, self.allocation or ["uniform"]):
+            alphas = self.alpha if (self.alpha and method in ALPHA_METHODS) else [None]
+            for alpha in alphas:
+                options = {} if alpha is None else {"alpha": alpha}
+                out.append({"method": method, "ratio": ratio, "allocation": allocation, "options": options})
+        return out
+
+
+class Optuna(Section):
+    """Optuna searches per-group ratios (rescaled to the budget `grid.ratio`).
+
+    Every grid list with several values becomes a categorical choice of the study. With a single
+    objective the budget must be one ratio (metrics at different budgets do not compare); with
+    ["metric", "size"] Optuna also picks the budget and searches the Pareto front.
+    """
+
+    trials: PosInt
+    granularity: Literal["block", "role", "matrix"] = "block"
+    bounds: tuple[float, float] = (0.0, 0.9)
+    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
+    objective: str | list[str] = Field("metric", description='"metric", or [metric, size] (multi-objective)')
+    seed: int | None = Field(None, description="default: the sweep seed")
+
+    @field_validator("bounds")
+    @classmethod
+    def _bounds(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not 0 <= lo < hi < 1:
+            raise ValueError(f"bounds [{lo}, {hi}] must satisfy 0 <= lo < hi < 1 (fractions removed per group)")
+        return v
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, v: str | list[str]) -> str | list[str]:
+        if v not in ("metric", ["metric", "size"]):
+            raise ValueError(f"{v!r} is not an objective; allowed: metric (the task metric alone) or "
+                             f"[metric, size] (the Pareto front of metric and model size)")
+        return v
+
+    @property
+    def multi(self) -> bool:
+        return self.objective != "metric"
+
+
+class EarlyStopping(Section):
+    """ASHA on the finetuning curve (rungs counted in evaluations)."""
+
+    grace_period: PosInt = 1
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class Finetune(TrainSettings):
+    eval_every: int = Field(0, ge=0, description="steps between evaluations during finetuning; 0 = at the end only")
+    train: Literal["all", "compressed"] = Field(
+        "all", description="all parameters, or only those of the layers the method replaced")
+    early_stopping: EarlyStopping | None = None
+
+
+class Resources(Section):
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+    max_concurrent: PosInt | None = None
+
+
+class SweepSpec(Section):
+    name: str
+    model: str
+    task: Annotated[CausalLMTask | ClassificationTask, Field(discriminator="type")]
+    calibration: Calibration = Calibration()
+    grid: list[GridBlock] = Field(description="one block or a list of blocks: the union of their products")
+    optuna: Optuna | None = None
+    finetune: Finetune = Finetune()
+    resources: Resources = Resources()
+    storage: str = "results"
+    seed: int = 0
+
+    _model = field_validator("model")(lambda v: check_source(v, "model"))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, v):
+            raise ValueError(f"{v!r} is not a usable name (it names a folder): use letters, digits, '.', '_' "
+                             f"and '-', starting with a letter or digit")
+        return v
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_type(cls, v):
+        if isinstance(v, dict) and v.get("type") not in TASK_MODELS:
+            raise ValueError(f"type {v.get('type')!r} is not a task; allowed: {', '.join(TASK_MODELS)}")
+        return v
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _grid(cls, v):
+        if v is None or v == [] or v == {}:
+            raise ValueError("the grid is empty: give a block with `method` and `ratio` lists (or a list of blocks)")
+        return [v] if isinstance(v, dict) else v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        kind = "text" if self.task.type == "causal-lm" else "labelled"
+        if self.calibration.source is not None:
+            try:
+                check_source(self.calibration.source, kind)
+            except ValueError as e:
+                raise _at(("calibration", "source"), str(e)) from None
+        cal = self.calibration_settings()
+        if self.task.type == "causal-lm":
+            shared = {self.task.eval, self.task.train or cal["source"]}
+            if cal["source"] in shared and cal["seq_len"] != self.task.seq_len:
+                raise _at(("calibration", "seq_len"),
+                          f"{cal['seq_len']} differs from task.seq_len {self.task.seq_len}, but "
+                          f"{cal['source']} feeds both; windows of one source share one length")
+        allocations = {a for block in self.grid for a in block.allocation or ()}
+        if self.optuna is None and "optuna" in allocations:
+            raise _at(("grid", "allocation"), "allocation 'optuna' needs an `optuna` section")
+        if self.optuna is not None:
+            other = sorted(allocations - {"optuna"})
+            if other:
+                raise _at(("grid", "allocation"),
+                          f"{other} cannot run with an `optuna` section: Optuna drives the allocation "
+                          f"('optuna'); list only that (or leave allocation out), and run other "
+                          f"allocations in a separate sweep")
+            if len(self.grid) != 1:
+                raise _at(("grid",), "an Optuna sweep takes one grid block (its lists become Optuna's choices)")
+            if not self.optuna.multi and len(self.grid[0].ratio) != 1:
+                raise _at(("grid", "ratio"),
+                          f"a single-objective Optuna study needs one budget, got {self.grid[0].ratio}; "
+                          f"use objective [metric, size] to search several budgets")
+        if self.finetune.early_stopping is not None and not (self.finetune.steps and self.finetune.eval_every):
+            raise _at(("finetune", "early_stopping"),
+                      "needs finetune.steps > 0 and finetune.eval_every > 0 (ASHA stops on the finetuning curve)")
+        return self
+
+    # -- derived views -------------------------------------------------------------------------
+
+    @property
+    def metric_mode(self) -> str:
+        return "min" if self.task.type == "causal-lm" else "max"
+
+    def calibration_settings(self) -> dict:
+        """The calibration section with defaults filled in (what the statistics depend on)."""
+        task = self.task
+        default_source = task.eval if task.type == "causal-lm" else task.train
+        default_len = task.seq_len if task.type == "causal-lm" else task.max_length
+        c = self.calibration
+        return {"source": c.source or default_source, "samples": c.samples,
+                "seq_len": c.seq_len or default_len, "batch_size": c.batch_size,
+                "seed": self.seed if c.seed is None else c.seed}
+
+    def task_settings(self) -> dict:
+        task = self.task.model_dump(mode="json")
+        if self.task.type == "causal-lm":
+            task["train"] = task["train"] or self.calibration_settings()["source"]
+        else:
+            task["eval"] = task["eval"] or task["train"]
+        return task
+
+    def finetune_settings(self) -> dict:
+        """Keyword arguments of `trainables.finetune.FinetuneConfig` plus `train` (which parameters)."""
+        f = self.finetune.model_dump(mode="json", exclude={"early_stopping"})
+        if self.task.type == "classification":
+            f["max_length"] = self.task.max_length
+        f["seed"] = self.seed
+        return f
+
+    def base_config(self) -> dict:
+        """What every trial of this sweep shares."""
+        return {"model": self.model, "task": self.task_settings(), "calibration": self.calibration_settings(),
+                "finetune": self.finetune_settings(), "seed": self.seed,
+                "resources": {"cpu": self.resources.cpu, "gpu": self.resources.gpu}}
+
+    def decompositions(self) -> list[tuple[str, dict]]:
+        """The (method, options) pairs whose ratio-independent decompositions the sweep needs
+        (every grid combination, or every choice Optuna has)."""
+        seen = {}
+        for block in self.grid:
+            for c in block.combinations():
+                seen[(c["method"], json.dumps(c["options"], sort_keys=True))] = (c["method"], c["options"])
+        return list(seen.values())
+
+    @property
+    def spec_hash(self) -> str:
+        """Identity of the sweep: everything that changes results (not name, storage, resources)."""
+        body = self.model_dump(mode="json", exclude={"name", "storage", "resources"})
+        return _hash(body)
+
+
+def _unique(values: list) -> list:
+    return list(dict.fromkeys(values))
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _at(loc: tuple, message: str) -> ValueError:
+    return ValueError(f"{'.'.join(map(str, loc))}: {message}")
+
+
+# -- expansion ----------------------------------------------------------------------------------
+
+
+def expand(spec: SweepSpec) -> list[dict]:
+    """Trial configs of a grid sweep (the union of the grid blocks' products, duplicates dropped),
+    in file order; each carries its deterministic `trial_id`. An Optuna sweep has none up front."""
+    if spec.optuna is not None:
+        return []
+    base = spec.base_config()
+    trials = {}
+    for block in spec.grid:
+        for combo in block.combinations():
+            config = {**base, **combo}
+            config["trial_id"] = config_id(config)
+            trials.setdefault(config["trial_id"], config)
+    return list(trials.values())
+
+
+def optuna_choices(spec: SweepSpec) -> dict[str, list]:
+    """The grid values Optuna chooses among in an Optuna sweep (only lists with several values)."""
+    block = spec.grid[0]
+    choices = {"method": block.method, "ratio": block.ratio}
+    if block.alpha:
+        choices["alpha"] = block.alpha
+    return choices
+
+
+def trial_count(spec: SweepSpec) -> int:
+    return spec.optuna.trials if spec.optuna is not None else len(expand(spec))
+
+
+# -- resources ----------------------------------------------------------------------------------
+
+
+def local_resources() -> tuple[float, float]:
+    """CPUs and GPUs this machine offers a local Ray instance."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    import torch
+
+    return float(cpus), float(torch.cuda.device_count())
+
+
+def check_resources(spec: SweepSpec, cpus: float, gpus: float, where: str = "this machine") -> None:
+    """UserInputError when one trial, or `max_concurrent` trials at once, cannot fit."""
+    r = spec.resources
+    for kind, per_trial, available in (("cpu", r.cpu, cpus), ("gpu", r.gpu, gpus)):
+        if per_trial > available:
+            raise UserInputError(f"resources.{kind}: a trial asks for {per_trial:g} {kind.upper()}s but "
+                                 f"{where} has {available:g}; lower it, or pass --address to run on a cluster")
+        if r.max_concurrent and r.max_concurrent * per_trial > available:
+            raise UserInputError(
+                f"resources.max_concurrent: {r.max_concurrent} trials x {per_trial:g} {kind.upper()}s = "
+                f"{r.max_concurrent * per_trial:g} {kind.upper()}s, but {where} has {available:g}; allowed "
+                f"max_concurrent <= {int(available // per_trial)}, or pass --address to run on a cluster")
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def parse_spec(data: Any, origin: str = "sweep file") -> SweepSpec:
+    """Validate a mapping (parsed YAML) into a SweepSpec; errors name the field and what is allowed."""
+    if not isinstance(data, dict):
+        raise UserInputError(f"{origin}: expected a mapping of sections (name, model, task, grid, ...), "
+                             f"got {type(data).__name__}")
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise UserInputError(f"{origin}: " + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def _describe(err: dict) -> str:
+    loc = _loc(err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}; allowed: {', '.join(_section(err['loc'][:-1]).model_fields)}"
+    if err["type"] == "missing":
+        return f"{loc}: missing (required)"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg  # model validators name their field themselves
+
+
+def _loc(loc: tuple) -> str:
+    """("grid", 1, "ratio", 0) -> "grid[1].ratio[0]"; drops pydantic's union tags."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in TASK_MODELS:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _section(loc: tuple) -> type[BaseModel]:
+    """The pydantic model of the section at `loc` (to list its allowed keys)."""
+    model: type[BaseModel] = SweepSpec
+    for part in loc:
+        if part in TASK_MODELS:
+            model = TASK_MODELS[part]
+        elif isinstance(part, str):
+            model = _submodel(model.model_fields[part].annotation) or model
+    return model
+
+
+def _submodel(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def load_spec(path: str | os.PathLike) -> SweepSpec:
+    """Read and validate a sweep file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserInputError(f"sweep file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise UserInputError(f"sweep file {str(path)!r} is a directory, not a YAML file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserInputError(f"sweep file {str(path)!r} cannot be read: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserInputError(f"sweep file {str(path)!r} is not valid YAML{line}: {problem}") from None
+    return parse_spec(data, origin=str(path))

@@ -1,0 +1,231 @@
+"""What one Tune trial does: compress the dense model with one method, ratio and allocation,
+evaluate, finetune, evaluate again, and `tune.report` after every evaluation.
+
+The trial receives plain dicts (its config) and a `Shared` bundle of Ray object refs that the
+launcher put once: the calibration statistics, the ratio-independent decompositions of each
+method, the token windows / labelled examples, and (classification) the task-finetuned dense
+weights. Nothing here parses a sweep file or recomputes what is shared.
+
+Every report carries the full row of the results table (see `REPORTED`); a trial that fails
+reports status "error" with the message and returns normally, so the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+from torch import nn
+
+from compression.apply import compress, plan_ranks
+from trainables.evaluation import evaluate
+from trainables.finetune import FinetuneConfig, finetune
+from trainables.sources import LoadedModel, load_model
+
+# Keys of the trial config that do not change its results (left out of the trial id).
+_NOT_IDENTITY = ("trial_id", "resources")
+
+
+def config_id(config: dict) -> str:
+    """Deterministic id of a trial config: a hash of everything that changes its results."""
+    body = {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def decomposition_key(method: str, options: dict) -> str:
+    """Key of the shared decompositions of `method` with `options` (alpha changes them)."""
+    return f"{method}{json.dumps(options, sort_keys=True, separators=(',', ':'))}"
+
+
+@dataclass
+class Shared:
+    """What the launcher computed once and every trial reads (object refs, plus their costs).
+
+    data: {"eval": ..., "train": ...} (token windows [N, T] or (text, label) lists) and
+    "num_labels" (classification). dense_state: weights of the task-finetuned dense classifier,
+    None when the trials start from the model as loaded.
+    """
+
+    stats: Any
+    decompositions: dict[str, Any]
+    data: Any
+    dense_state: Any = None
+    metric_dense: float = math.nan
+    params_dense: int = 0
+    seconds_calibration: float = 0.0
+    seconds_decompose: dict[str, float] = field(default_factory=dict)
+    calibration_key: str = ""
+
+
+# Dense models already loaded by this worker process, keyed by (source, task, num_labels, seed):
+# trials that run one after another in a reused actor load the model once.
+_MODELS: dict[tuple, LoadedModel] = {}
+
+
+def _dense_model(source: str, task: str, num_labels: int | None, seed: int) -> LoadedModel:
+    key = (source, task, num_labels, seed)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = load_model(source, task=task, num_labels=num_labels, seed=seed)
+    return _MODELS[key]
+
+
+def _from_launch_dir(source: str) -> str:
+    """Tune runs trials in their own folder: a relative `path:` source is relative to where the
+    sweep was launched."""
+    scheme, _, rest = source.partition(":")
+    origin = os.environ.get("TUNE_ORIG_WORKING_DIR")
+    if scheme == "path" and origin and not os.path.isabs(os.path.expanduser(rest)):
+        return f"path:{os.path.join(origin, rest)}"
+    return source
+
+
+def model_size(model: nn.Module) -> tuple[int, float]:
+    """(parameters, megabytes): every parameter once (tied weights once), MB = 10^6 bytes."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params) / 1e6
+
+
+def _set_trainable(model: nn.Module, which: str, plan_units: list[str]) -> None:
+    """Train all parameters, or only those of the modules the plan compressed."""
+    if which == "all":
+        model.requires_grad_(True)
+        return
+    model.requires_grad_(False)
+    for name in plan_units:
+        model.get_submodule(name).requires_grad_(True)
+
+
+class _Row:
+    """The results row of one trial, reported to Tune after every evaluation."""
+
+    def __init__(self, config: dict, shared: Shared) -> None:
+        self.values: dict[str, Any] = {
+            # Tune overwrites "trial_id" in every result with its own id: ours travels as "config_id"
+            "config_id": config.get("trial_id") or config_id(config),
+            "status": "running",
+            "error": "",
+            "stage": "setup",
+            "step": 0,
+            "method": config["method"],
+            "ratio": float(config["ratio"]),
+            "allocation": config["allocation"],
+            "options": json.dumps(config.get("options", {}), sort_keys=True),
+            "group_ratios": json.dumps(config.get("group_ratios") or {}, sort_keys=True),
+            "target_ratio": float(config["ratio"]),
+            "achieved_ratio": math.nan,
+            "params_dense": shared.params_dense,
+            "params_compressed": None,
+            "size_mb": math.nan,
+            "metric_name": "perplexity" if config["task"]["type"] == "causal-lm" else "accuracy",
+            "metric": math.nan,
+            "metric_compressed": math.nan,
+            "metric_finetuned": math.nan,
+            "metric_dense": shared.metric_dense,
+            "finetune_steps": 0,
+            "finetune_loss": math.nan,
+            "seconds_calibration": shared.seconds_calibration,
+            "seconds_decompose": shared.seconds_decompose.get(
+                decomposition_key(config["method"], config.get("options", {})), math.nan),
+            "seconds_compress": 0.0,
+            "seconds_eval": 0.0,
+            "seconds_finetune": 0.0,
+            "rank_plan": "{}",
+            "calibration_key": shared.calibration_key,
+        }
+
+    def report(self, **updates) -> None:
+        self.values.update(updates)
+        tune.report(dict(self.values))
+
+
+def trainable(config: dict, shared: Shared) -> None:
+    """Tune function trainable (wrap with `tune.with_parameters(trainable, shared=...)`).
+
+    Grid sweeps pass each whole trial config as one grid value under "trial"; Optuna sweeps pass
+    it flat (constants plus what Optuna chose)."""
+    config = config.get("trial", config)
+    row = _Row(config, shared)
+    try:
+        _run(config, shared, row)
+    except Exception as e:  # noqa: BLE001 - any failure becomes an error row; the sweep goes on
+        message = f"{type(e).__name__}: {e}"
+        print(f"trial {row.values['config_id']} failed:\n{traceback.format_exc()}", flush=True)
+        row.report(status="error", error=message, metric=math.nan)
+
+
+def _run(config: dict, shared: Shared, row: _Row) -> None:
+    task = config["task"]
+    cpus = max(1, int(config.get("resources", {}).get("cpu", 1)))
+    torch.set_num_threads(cpus)
+    torch.manual_seed(config["seed"])
+    gpu = config.get("resources", {}).get("gpu", 0) > 0 and torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+
+    data = ray.get(shared.data)
+    stats = ray.get(shared.stats)
+    method, options = config["method"], config.get("options", {})
+    decompositions = ray.get(shared.decompositions[decomposition_key(method, options)])
+    loaded = _dense_model(_from_launch_dir(config["model"]), task["type"], data.get("num_labels"), config["seed"])
+    model = copy.deepcopy(loaded.model)
+    if shared.dense_state is not None:
+        model.load_state_dict(ray.get(shared.dense_state))
+
+    start = time.perf_counter()
+    if config["allocation"] == "optuna":
+        plan = plan_ranks(model, stats, method, config["ratio"], "explicit", decompositions,
+                          group_ratios=config["group_ratios"], granularity=config["granularity"])
+    else:
+        plan = plan_ranks(model, stats, method, config["ratio"], config["allocation"], decompositions)
+    compress(model, stats, method, plan, decompositions=decompositions, alpha=options.get("alpha", 1.0))
+    params, size_mb = model_size(model)
+    row.values.update(seconds_compress=time.perf_counter() - start, achieved_ratio=plan.achieved_ratio,
+                      params_compressed=params, size_mb=size_mb,
+                      rank_plan=json.dumps(plan.to_dict(), sort_keys=True))
+    del stats, decompositions
+    model.to(device)
+
+    def run_eval() -> float:
+        kw = {"batch_size": task["eval_batch_size"], "device": device}
+        if task["type"] == "classification":
+            kw["max_length"] = task["max_length"]
+        result = evaluate(model, task["type"], data["eval"], tokenizer=loaded.tokenizer, **kw)
+        row.values["seconds_eval"] += result.seconds
+        return result.value
+
+    value = run_eval()
+    row.report(stage="compressed", metric=value, metric_compressed=value)
+
+    settings = dict(config["finetune"])
+    which = settings.pop("train")
+    ft = FinetuneConfig(**settings)
+    if ft.steps == 0:
+        row.report(status="ok", stage="final")
+        return
+    _set_trainable(model, which, [name for name, k in plan.ranks.items() if k is not None])
+    last_eval: dict[int, float] = {}
+
+    def on_eval(step: int) -> None:
+        last_eval[step] = run_eval()
+        row.report(stage="finetune", step=step, metric=last_eval[step])
+
+    eval_before = row.values["seconds_eval"]
+    start = time.perf_counter()
+    result = finetune(model, task["type"], data["train"], ft, tokenizer=loaded.tokenizer, on_eval=on_eval,
+                      device=device)
+    seconds = time.perf_counter() - start - (row.values["seconds_eval"] - eval_before)
+    value = last_eval[ft.steps] if ft.steps in last_eval else run_eval()
+    row.report(status="ok", stage="final", step=ft.steps, metric=value, metric_finetuned=value,
+               finetune_steps=result.steps, finetune_loss=result.losses[-1] if result.losses else math.nan,
+               seconds_finetune=seconds)
