@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -28,12 +29,13 @@ from ray import tune
 from torch import nn
 
 from compression.apply import compress, plan_ranks
-from trainables.evaluation import evaluate
+from trainables.evaluation import device_label, evaluate, forward_latency, latency_inputs
 from trainables.finetune import FinetuneConfig, finetune
 from trainables.sources import LoadedModel, load_model
 
 # Keys of the trial config that do not change its results (left out of the trial id).
-_NOT_IDENTITY = ("trial_id", "resources")
+_NOT_IDENTITY = ("trial_id", "resources", "latency", "checkpoints")
+CHECKPOINT_WEIGHTS = "weights.safetensors"  # the finetuned parameters, in a trial's Tune checkpoint
 
 
 def config_id(config: dict) -> str:
@@ -143,11 +145,36 @@ class _Row:
             "seconds_finetune": 0.0,
             "rank_plan": "{}",
             "calibration_key": shared.calibration_key,
+            "latency_device": "", "latency_batch": None, "latency_seq_len": None,
+            "latency_ms_dense": math.nan, "latency_ms_compressed": math.nan, "speedup": math.nan,
         }
 
-    def report(self, **updates) -> None:
+    def report(self, checkpoint=None, **updates) -> None:
         self.values.update(updates)
-        tune.report(dict(self.values))
+        tune.report(dict(self.values), checkpoint=checkpoint)
+
+
+def _latency(model: nn.Module, dense: nn.Module, settings: dict | None, device: torch.device) -> dict:
+    """Latency columns: the compressed and the dense model timed in interleaved runs on `device`."""
+    if not settings or not settings.get("repeats"):
+        return {}
+    ids = latency_inputs(model, settings["batch_size"], settings["seq_len"])
+    try:
+        compressed_s, dense_s = forward_latency([model, dense], ids, repeats=settings["repeats"],
+                                                warmup=settings.get("warmup", 1), device=device)
+    finally:
+        dense.to("cpu")  # the worker's cached dense model stays on the CPU
+    return {"latency_device": device_label(device), "latency_batch": settings["batch_size"],
+            "latency_seq_len": settings["seq_len"], "latency_ms_dense": 1000 * dense_s,
+            "latency_ms_compressed": 1000 * compressed_s, "speedup": dense_s / compressed_s}
+
+
+def _save_trained(model: nn.Module, folder: str) -> None:
+    """The parameters finetuning changed (those that require grad; tied ones once), as safetensors."""
+    from safetensors.torch import save_file
+
+    trained = {n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trained, os.path.join(folder, CHECKPOINT_WEIGHTS), metadata={"format": "lowrank-sweep/finetuned"})
 
 
 def trainable(config: dict, shared: Shared) -> None:
@@ -195,6 +222,7 @@ def _run(config: dict, shared: Shared, row: _Row) -> None:
                       rank_plan=json.dumps(plan.to_dict(), sort_keys=True))
     del stats, decompositions
     model.to(device)
+    row.values.update(_latency(model, loaded.model, config.get("latency"), device))
 
     def run_eval() -> float:
         kw = {"batch_size": task["eval_batch_size"], "device": device}
@@ -220,12 +248,14 @@ def _run(config: dict, shared: Shared, row: _Row) -> None:
         last_eval[step] = run_eval()
         row.report(stage="finetune", step=step, metric=last_eval[step])
 
-    eval_before = row.values["seconds_eval"]
-    start = time.perf_counter()
     result = finetune(model, task["type"], data["train"], ft, tokenizer=loaded.tokenizer, on_eval=on_eval,
-                      device=device)
-    seconds = time.perf_counter() - start - (row.values["seconds_eval"] - eval_before)
+                      device=device)  # result.seconds leaves out the evaluations in on_eval
     value = last_eval[ft.steps] if ft.steps in last_eval else run_eval()
-    row.report(status="ok", stage="final", step=ft.steps, metric=value, metric_finetuned=value,
-               finetune_steps=result.steps, finetune_loss=result.losses[-1] if result.losses else math.nan,
-               seconds_finetune=seconds)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if config.get("checkpoints", {}).get("keep", 0) > 0:
+            _save_trained(model, folder)
+            checkpoint = tune.Checkpoint.from_directory(folder)
+        row.report(checkpoint=checkpoint, status="ok", stage="final", step=ft.steps, metric=value,
+                   metric_finetuned=value, finetune_steps=result.steps,
+                   finetune_loss=result.losses[-1] if result.losses else math.nan, seconds_finetune=result.seconds)
