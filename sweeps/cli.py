@@ -6,6 +6,11 @@
     lrsweep run FILE [--address A] [--storage S] [--name N] [--resume]
     lrsweep calibrate FILE               compute (or find) the calibration statistics only
     lrsweep quickstart                   run the packaged example sweeps/examples/quickstart.yaml
+    lrsweep report DIR [--out OUT]       report.md and plots again, from DIR/trials.parquet alone
+    lrsweep compare DIR_A DIR_B          the same trials of two sweeps side by side
+    lrsweep export DIR (--trial ID | --best [--max-ratio R | --min-ratio R]) --out OUT
+    lrsweep generate OUT "prompt"        run an exported causal LM
+    lrsweep classify OUT "text"          run an exported classifier
 
 A mistake in the input prints "lrsweep: error: <what and what is allowed>" and exits with
 status 2, before anything is started or written.
@@ -44,7 +49,41 @@ def _parser() -> argparse.ArgumentParser:
     calibrate = sub.add_parser("calibrate", help="compute (or find cached) calibration statistics, without Ray")
     calibrate.add_argument("file", metavar="FILE", help="sweep file (YAML)")
     sweep_options(sub.add_parser("quickstart", help="run the packaged example sweep (SmolLM2-135M)"), with_file=False)
+    _analysis_commands(sub)
     return parser
+
+
+def _analysis_commands(sub) -> None:
+    report = sub.add_parser("report", help="write report.md and its plots again from a sweep's trials.parquet")
+    report.add_argument("experiment", metavar="DIR", help="the sweep's folder (<storage>/<name>)")
+    report.add_argument("--out", metavar="OUT", help="where to write them (default: DIR)")
+    compare = sub.add_parser("compare", help="the same trials of two sweeps side by side, with differences")
+    compare.add_argument("a", metavar="DIR_A", help="folder of the first sweep")
+    compare.add_argument("b", metavar="DIR_B", help="folder of the second sweep")
+    export = sub.add_parser("export", help="rebuild a trial's compressed model and save it as a Hugging Face folder")
+    export.add_argument("experiment", metavar="DIR", help="the sweep's folder (<storage>/<name>)")
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", metavar="ID", help="the trial id (or a unique prefix of at least 4 characters)")
+    which.add_argument("--best", action="store_true", help="the finished trial with the best metric")
+    bound = export.add_mutually_exclusive_group()
+    bound.add_argument("--max-ratio", type=float, metavar="R",
+                       help="with --best: among trials removing at most R of the targeted parameters")
+    bound.add_argument("--min-ratio", type=float, metavar="R",
+                       help="with --best: among trials removing at least R of the targeted parameters")
+    export.add_argument("--out", required=True, metavar="OUT", help="output folder (created; replaced if it "
+                        "holds an exported model)")
+    export.add_argument("--before-finetune", action="store_true",
+                        help="export the compressed model without the trial's finetuned weights")
+    export.add_argument("--device", default="cpu", help="where to rebuild it (default: cpu)")
+    generate = sub.add_parser("generate", help="continue a prompt with an exported causal language model")
+    generate.add_argument("model", metavar="OUT", help="folder written by `lrsweep export`")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--device", default="cpu")
+    classify = sub.add_parser("classify", help="classify a text with an exported sequence classifier")
+    classify.add_argument("model", metavar="OUT", help="folder written by `lrsweep export`")
+    classify.add_argument("text")
+    classify.add_argument("--device", default="cpu")
 
 
 def quickstart_file() -> str:
@@ -109,7 +148,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, file: str | None = None) -> int:
-    from sweeps.results import format_table
+    from sweeps.report import format_table
     from sweeps.runner import run_sweep
 
     if file is not None:
@@ -132,6 +171,54 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from sweeps.report import regenerate
+
+    path, figures = regenerate(args.experiment, args.out)
+    print(f"report: {path}")
+    for name in figures:
+        print(f"plot:   {name}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from sweeps.analysis import compare, load_results
+    from sweeps.report import format_compare
+
+    print(format_compare(compare(load_results(args.a), load_results(args.b)), args.a, args.b))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from sweeps.export import describe, export
+
+    path, built = export(args.experiment, args.out, trial=args.trial, best=args.best, max_ratio=args.max_ratio,
+                         min_ratio=args.min_ratio, before_finetune=args.before_finetune, device=args.device)
+    print(f"exported {describe(built)}")
+    print(f"to {path} (load it with compression.load_compressed, or run `lrsweep "
+          f"{'classify' if built.label_names else 'generate'} {path} ...`)")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from sweeps.export import generate
+
+    print(args.prompt + generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, device=args.device))
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from sweeps.export import classify
+
+    for label, p in classify(args.model, args.text, device=args.device):
+        print(f"{label:<16} {100 * p:6.2f} %")
+    return 0
+
+
+_ANALYSIS = {"report": _report, "compare": _compare, "export": _export, "generate": _generate,
+             "classify": _classify}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from compression.errors import UserInputError
@@ -145,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "calibrate":
             return _calibrate(args)
+        if args.command in _ANALYSIS:
+            return _ANALYSIS[args.command](args)
         return _run(args, file=quickstart_file())
     except UserInputError as e:
         print(f"lrsweep: error: {e}", file=sys.stderr)

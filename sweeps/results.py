@@ -1,18 +1,21 @@
 """The results of a sweep: `trials.parquet` (one row per finished trial plus the dense baseline),
-rewritten atomically after every trial, `report.md`, and the table the CLI prints.
+rewritten atomically after every trial, and the trials' checkpoints of finetuned weights.
 
 Units: ratios are fractions of the targeted parameters removed (the report shows %), parameter
 counts are whole-model counts (embeddings included, tied weights once), sizes are MB = 10^6 bytes
-of parameters, times are seconds of wall time. `seconds_calibration` (once per sweep) and
-`seconds_decompose` (once per method) are shared costs, repeated on every row that used them.
+of parameters, times are seconds of wall time, latencies milliseconds. `seconds_calibration` (once
+per sweep) and `seconds_decompose` (once per method) are shared costs, repeated on every row that
+used them.
+
+Reading and analysing the table is `sweeps.analysis`; the report is `sweeps.report`.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import math
 import os
+import posixpath
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import pyarrow.fs
 
 TRIALS_FILE = "trials.parquet"
 REPORT_FILE = "report.md"
-PLOT_FILE = "report.png"
+SWEEP_FILE = "sweep.json"  # the validated sweep, its hash and its calibration key (written by sweeps.runner)
 
 # column -> dtype; the order is the order in the file
 COLUMNS: dict[str, str] = {
@@ -52,7 +55,18 @@ COLUMNS: dict[str, str] = {
     "seconds_finetune": "float64",
     "rank_plan": "string",          # JSON of compression.allocation.RankPlan.to_dict()
     "calibration_key": "string",    # which cached statistics the trial used (the same for all rows)
+    # forward latency, median of `latency.repeats` runs on random tokens (trainables.evaluation.forward_latency)
+    "latency_device": "string",     # where it was measured: "cpu (1 thread)", "cuda (NVIDIA H100 ...)"
+    "latency_batch": "Int64",       # sequences per forward pass
+    "latency_seq_len": "Int64",     # tokens per sequence
+    "latency_ms_dense": "float64",  # the dense model, measured in the same trial (interleaved runs)
+    "latency_ms_compressed": "float64",
+    "speedup": "float64",           # latency_ms_dense / latency_ms_compressed (< 1: slower than dense)
+    "checkpoint": "string",         # folder of the finetuned weights, relative to the sweep folder ("" = none kept)
 }
+# Columns a table written before they existed may lack (filled with missing values on reading).
+LATER_COLUMNS = ("latency_device", "latency_batch", "latency_seq_len", "latency_ms_dense", "latency_ms_compressed",
+                 "speedup", "checkpoint")
 
 
 def row_from_result(result: dict, status: str | None = None, error: str | None = None) -> dict:
@@ -109,6 +123,16 @@ def write_file(directory: str, name: str, data: bytes) -> str:
     return str(folder / name)
 
 
+def delete_dir(directory: str, name: str) -> None:
+    """Remove the folder `directory/name` (missing is fine)."""
+    if is_uri(directory):
+        fs, base = pyarrow.fs.FileSystem.from_uri(directory)
+        if fs.get_file_info(f"{base}/{name}").type != pyarrow.fs.FileType.NotFound:
+            fs.delete_dir(f"{base}/{name}")
+        return
+    shutil.rmtree(Path(directory) / name, ignore_errors=True)
+
+
 def read_file(directory: str, name: str) -> bytes | None:
     """The bytes of `directory/name`, None when it does not exist."""
     if is_uri(directory):
@@ -121,16 +145,42 @@ def read_file(directory: str, name: str) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
-class ResultsTable:
-    """The rows of one sweep, keyed by trial id; `add` rewrites trials.parquet atomically."""
+def checkpoint_path(trial) -> str:
+    """The folder of a finished Tune trial's last checkpoint, relative to the sweep folder ("" when
+    it saved none). `trial` is a `ray.tune.experiment.Trial` (read, not imported)."""
+    checkpoint = getattr(trial, "checkpoint", None)
+    if checkpoint is None:
+        return ""
+    return posixpath.relpath(checkpoint.path, trial.storage.experiment_fs_path)
 
-    def __init__(self, directory: str, rows: list[dict] = ()) -> None:
+
+class ResultsTable:
+    """The rows of one sweep, keyed by trial id; `add` rewrites trials.parquet atomically.
+
+    `keep_checkpoints`: after every added row, only the best that many trials of each target ratio
+    keep their checkpoint folder (see `sweeps.analysis.checkpoints_to_drop`); the others are
+    deleted and their `checkpoint` cell emptied. None keeps them all."""
+
+    def __init__(self, directory: str, rows: list[dict] = (), keep_checkpoints: int | None = None) -> None:
         self.directory = directory
         self.rows: dict[str, dict] = {r["trial_id"]: r for r in rows}
+        self.keep_checkpoints = keep_checkpoints
 
     def add(self, row: dict) -> None:
         self.rows[row["trial_id"]] = row
-        self.write()
+        dropped = self._drop_checkpoints(self.keep_checkpoints) if self.keep_checkpoints is not None else []
+        self.write()  # first: the table never names a folder that is gone
+        for folder in dropped:
+            delete_dir(self.directory, folder)
+
+    def _drop_checkpoints(self, keep: int) -> list[str]:
+        from sweeps.analysis import checkpoints_to_drop  # analysis reads tables; it imports this module
+
+        dropped = []
+        for trial_id in checkpoints_to_drop(self.frame(), keep):
+            dropped.append(self.rows[trial_id]["checkpoint"])
+            self.rows[trial_id]["checkpoint"] = ""
+        return dropped
 
     def frame(self) -> pd.DataFrame:
         return frame(list(self.rows.values()))
@@ -144,169 +194,3 @@ class ResultsTable:
 def read_trials(directory: str) -> pd.DataFrame | None:
     data = read_file(directory, TRIALS_FILE)
     return None if data is None else pd.read_parquet(io.BytesIO(data))
-
-
-# -- presentation -----------------------------------------------------------------------------
-
-
-def _num(x, digits: int = 2) -> str:
-    return "-" if pd.isna(x) else f"{x:,.{digits}f}"
-
-
-def _pct(x) -> str:
-    return "-" if pd.isna(x) else f"{100 * x:.1f} %"
-
-
-def _metric(name: str, x) -> str:
-    if pd.isna(x):
-        return "-"
-    return f"{100 * x:.2f} %" if name == "accuracy" else f"{x:,.3f}"
-
-
-def _options(row) -> str:
-    parts = [f"{k}={v}" for k, v in json.loads(row["options"] or "{}").items()]
-    if row["group_ratios"] not in ("", "{}"):
-        parts.append(f"{len(json.loads(row['group_ratios']))} group ratios")
-    return ", ".join(parts) or "-"
-
-
-def display(df: pd.DataFrame) -> pd.DataFrame:
-    """The table people read: one row per trial, every number with its unit in the header or cell.
-
-    Sorted baseline first, then by target ratio, method, allocation."""
-    if df.empty:
-        return pd.DataFrame()
-    name = df["metric_name"].iloc[0]
-    order = df.assign(_base=df["method"] != "dense").sort_values(
-        ["_base", "target_ratio", "method", "allocation", "trial_id"], kind="stable")
-    out = pd.DataFrame({
-        "trial": order["trial_id"],
-        "status": order["status"],
-        "method": order["method"],
-        "allocation": order["allocation"],
-        "options": [_options(r) for _, r in order.iterrows()],
-        "target removed": [_pct(x) for x in order["target_ratio"]],
-        "achieved removed": [_pct(x) for x in order["achieved_ratio"]],
-        "params (M)": [_num(x / 1e6) for x in order["params_compressed"]],
-        "size (MB)": [_num(x, 1) for x in order["size_mb"]],
-        f"{name} compressed": [_metric(name, x) for x in order["metric_compressed"]],
-        f"{name} finetuned": [_metric(name, x) for x in order["metric_finetuned"]],
-        f"{name} final": [_metric(name, x) for x in order["metric"]],
-        "trial time (s)": [_num(a + b + c, 1) for a, b, c in
-                           zip(order["seconds_compress"], order["seconds_eval"], order["seconds_finetune"])],
-    })
-    return out.reset_index(drop=True)
-
-
-def best_per_ratio(df: pd.DataFrame) -> pd.DataFrame:
-    """The best finished trial at each target ratio (lowest perplexity / highest accuracy)."""
-    ok = df[(df["status"] == "ok") & (df["method"] != "dense") & df["metric"].notna()]
-    if ok.empty:
-        return ok
-    higher_better = ok["metric_name"].iloc[0] == "accuracy"
-    ranked = ok.sort_values(["target_ratio", "metric"], ascending=[True, not higher_better], kind="stable")
-    return ranked.groupby("target_ratio", sort=True).head(1)
-
-
-def format_table(df: pd.DataFrame) -> str:
-    """Plain-text table for the terminal."""
-    table = display(df)
-    return "(no trials finished)" if table.empty else table.to_string(index=False)
-
-
-def _markdown(table: pd.DataFrame) -> str:
-    header = "| " + " | ".join(table.columns) + " |"
-    rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
-
-
-def pareto_front(df: pd.DataFrame) -> pd.DataFrame:
-    """Finished trials no other trial beats on both size and metric."""
-    ok = df[(df["status"] != "error") & df["metric"].notna() & df["size_mb"].notna()]
-    if ok.empty:
-        return ok
-    sign = -1.0 if ok["metric_name"].iloc[0] == "accuracy" else 1.0  # lower is better after the sign
-    ranked = ok.assign(_m=sign * ok["metric"]).sort_values(["size_mb", "_m"], kind="stable")
-    keep, best = [], math.inf
-    for index, m in zip(ranked.index, ranked["_m"]):
-        if m < best:
-            keep.append(index)
-            best = m
-    return ok.loc[keep]
-
-
-def plot(df: pd.DataFrame) -> bytes | None:
-    """PNG: final metric vs target ratio per method (best allocation), and metric vs size with
-    the Pareto front. None when no trial finished."""
-    ok = df[(df["status"] != "error") & (df["method"] != "dense") & df["metric"].notna()]
-    if ok.empty:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    name = ok["metric_name"].iloc[0]
-    higher_better = name == "accuracy"
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, rows in ok.groupby("method", sort=True):
-        best = rows.groupby("target_ratio")["metric"].agg("max" if higher_better else "min")
-        left.plot(100 * best.index, best.values, marker="o", label=method)
-        right.scatter(rows["size_mb"], rows["metric"], s=18, label=method)
-    dense = df[df["method"] == "dense"]
-    for axis in (left, right):
-        if not dense.empty:
-            axis.axhline(dense["metric"].iloc[0], color="grey", linestyle="--", linewidth=1, label="dense")
-        axis.set_ylabel(name)
-        axis.grid(alpha=0.3)
-    front = pareto_front(pd.concat([ok, dense]))
-    right.plot(front["size_mb"], front["metric"], color="black", linewidth=1, label="Pareto front")
-    left.set_xlabel("targeted parameters removed (%)")
-    left.set_title(f"{name} vs ratio (best allocation per method)")
-    right.set_xlabel("model size (MB)")
-    right.set_title(f"{name} vs size")
-    if not higher_better and ok["metric"].max() > 10 * ok["metric"].min():
-        left.set_yscale("log")
-        right.set_yscale("log")
-    left.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def write_report(directory: str, df: pd.DataFrame, title: str, about: dict[str, str]) -> str:
-    """report.md: what was swept, the best trial per ratio, every trial, and the errors."""
-    lines = [f"# {title}", ""]
-    lines += [f"- {k}: {v}" for k, v in about.items()]
-    dense = df[df["method"] == "dense"]
-    if not dense.empty:
-        d = dense.iloc[0]
-        lines.append(f"- dense baseline: {d['metric_name']} {_metric(d['metric_name'], d['metric'])}, "
-                     f"{_num(d['params_compressed'] / 1e6)} M parameters, {_num(d['size_mb'], 1)} MB")
-    trials = df[df["method"] != "dense"]
-    counts = trials["status"].value_counts().to_dict()
-    lines.append("- trials: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
-    lines += ["", "Ratios are fractions of the targeted (compressible) parameters removed; parameter counts "
-              "and sizes are for the whole model (embeddings included; MB = 10^6 bytes). Times are wall "
-              "seconds; calibration and decomposition are shared costs and not in the trial time.", ""]
-    figure = plot(df)
-    if figure is not None:
-        write_file(directory, PLOT_FILE, figure)
-        lines += [f"![{df['metric_name'].iloc[0]} vs ratio and size]({PLOT_FILE})", ""]
-    best = best_per_ratio(df)
-    if not best.empty:
-        lines += ["## Best trial per ratio", "", _markdown(display(best)), ""]
-    front = pareto_front(df)
-    if len(front) > 1:
-        lines += ["## Pareto front (size vs metric)", "", _markdown(display(front)), ""]
-    lines += ["## All trials", "", _markdown(display(df)) if not df.empty else "(none)", ""]
-    failed = df[df["status"] == "error"]
-    if not failed.empty:
-        lines += ["## Errors", ""]
-        lines += [f"- `{r.trial_id}` ({r.method}, {r.allocation}, ratio {_pct(r.target_ratio)}): {r.error}"
-                  for r in failed.itertuples()]
-        lines.append("")
-    return write_file(directory, REPORT_FILE, "\n".join(lines).encode())

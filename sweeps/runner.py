@@ -35,7 +35,9 @@ from compression.calibration import CalibrationStats, collect_stats
 from compression.errors import UserInputError
 
 from sweeps import __version__
-from sweeps.results import ResultsTable, is_uri, read_file, read_trials, row_from_result, write_file, write_report
+from sweeps.report import write_report
+from sweeps.results import (SWEEP_FILE, ResultsTable, checkpoint_path, is_uri, read_file, read_trials, row_from_result,
+                            write_file)
 from sweeps.spec import ALPHA_METHODS, NAME_PATTERN, SweepSpec, check_resources, expand, local_resources, optuna_choices
 from trainables.evaluation import evaluate
 from trainables.finetune import FinetuneConfig, task_finetune_classifier
@@ -43,7 +45,6 @@ from trainables.sources import LoadedModel, draw_windows, load_labelled, load_mo
 from trainables.sources.packaged import cache_dir
 from trainables.trial import Shared, config_id, decomposition_key, model_size
 
-SWEEP_FILE = "sweep.json"
 _CACHE_FORMAT = 1  # bump when what goes into the calibration cache key changes
 
 
@@ -338,7 +339,8 @@ class ResultsCallback(Callback):
             self._failed(trial, "the trial ended without reporting a result")
             return
         status = result.get("status")
-        self._add(row_from_result(result, status="stopped" if status == "running" else status))
+        self._add(row_from_result(result, status="stopped" if status == "running" else status)
+                  | {"checkpoint": checkpoint_path(trial)})
 
     def _add(self, row: dict) -> None:
         self.table.add(row)
@@ -487,7 +489,8 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
     record = {"name": spec.name, "spec_hash": spec.spec_hash, "version": __version__,
               "calibration_key": prepared.calibration_key, "spec": spec.model_dump(mode="json")}
     write_file(directory, SWEEP_FILE, json.dumps(record, indent=2).encode())
-    table = ResultsTable(directory, [row_from_result(prepared.dense_row), *kept])
+    table = ResultsTable(directory, [row_from_result(prepared.dense_row), *kept],
+                         keep_checkpoints=spec.checkpoints.keep)
     table.write()
     if kept:
         log(f"resume: keeping {len(kept)} finished trial(s) from {directory}")

@@ -248,6 +248,29 @@ class Resources(Section):
     max_concurrent: PosInt | None = None
 
 
+class Latency(Section):
+    """Forward latency measured in every trial, of the compressed and the dense model on the trial's
+    device: one batch of random token ids, the median of `repeats` timed runs after `warmup` untimed
+    ones (0 repeats: not measured). Does not change results: not part of the trial id."""
+
+    batch_size: PosInt = 1
+    seq_len: PosInt | None = Field(None, description="default: task.seq_len / task.max_length")
+    repeats: int = Field(5, ge=0)
+    warmup: int = Field(1, ge=0)
+
+
+class Checkpoints(Section):
+    """Trials save their finetuned weights (safetensors) for `lrsweep export`; only the best `keep`
+    trials of each target ratio keep them (so `export --best` with any ratio bound finds its
+    weights), the rest are deleted as trials finish. 0 keeps none. Does not change results."""
+
+    keep: int = Field(1, ge=0)
+
+
+# Sections that do not change any result: left out of the sweep hash and of the trial ids.
+NOT_RESULTS = ("name", "storage", "resources", "latency", "checkpoints")
+
+
 class SweepSpec(Section):
     name: str
     model: str
@@ -257,6 +280,8 @@ class SweepSpec(Section):
     optuna: Optuna | None = None
     finetune: Finetune = Finetune()
     resources: Resources = Resources()
+    latency: Latency = Latency()
+    checkpoints: Checkpoints = Checkpoints()
     storage: str = "results"
     seed: int = 0
 
@@ -354,9 +379,13 @@ class SweepSpec(Section):
 
     def base_config(self) -> dict:
         """What every trial of this sweep shares."""
-        return {"model": self.model, "task": self.task_settings(), "calibration": self.calibration_settings(),
+        task = self.task_settings()
+        latency = self.latency.model_dump(mode="json")
+        latency["seq_len"] = latency["seq_len"] or task.get("seq_len") or task.get("max_length")
+        return {"model": self.model, "task": task, "calibration": self.calibration_settings(),
                 "finetune": self.finetune_settings(), "seed": self.seed,
-                "resources": {"cpu": self.resources.cpu, "gpu": self.resources.gpu}}
+                "resources": {"cpu": self.resources.cpu, "gpu": self.resources.gpu},
+                "latency": latency, "checkpoints": {"keep": self.checkpoints.keep}}
 
     def decompositions(self) -> list[tuple[str, dict]]:
         """The (method, options) pairs whose ratio-independent decompositions the sweep needs
@@ -369,8 +398,9 @@ class SweepSpec(Section):
 
     @property
     def spec_hash(self) -> str:
-        """Identity of the sweep: everything that changes results (not name, storage, resources)."""
-        body = self.model_dump(mode="json", exclude={"name", "storage", "resources"})
+        """Identity of the sweep: everything that changes results (not name, storage, resources,
+        latency or checkpoints)."""
+        body = self.model_dump(mode="json", exclude=set(NOT_RESULTS))
         return _hash(body)
 
 

@@ -139,7 +139,7 @@ def test_a_failing_trial_leaves_an_error_row(grid_run):
     assert pd.isna(row["metric"]) and pd.isna(row["params_compressed"])
     report = open(out["report"]).read()
     assert "## Errors" in report and row["trial_id"] in report and "## Best trial per ratio" in report
-    assert (Path(out["directory"]) / "report.png").stat().st_size > 1000
+    assert (Path(out["directory"]) / "metric_vs_ratio.png").stat().st_size > 1000
 
 
 def test_calibration_ran_once_and_is_shared(grid_run):

@@ -1,0 +1,322 @@
+"""Analysis of a sweep's results table, for the report, the CLI and notebooks (pandas only: no Ray,
+no torch).
+
+    from sweeps import load_results, pareto
+    df = load_results("results/quickstart")           # one row per trial, proper dtypes
+    front = pareto(df[df.status == "ok"], "size_mb", "metric")
+
+`load_results` checks the file and returns typed columns: categories for status, method,
+allocation and metric name; dicts for `options`, `group_ratios` and `rank_plan` (the JSON of
+`compression.allocation.RankPlan.to_dict()`); nullable integers for counts. "Best" always means the
+lowest perplexity or the highest accuracy (`higher_is_better`), among finished trials.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from compression.errors import UserInputError
+from sweeps.results import COLUMNS, LATER_COLUMNS, TRIALS_FILE, is_uri, read_file
+
+CATEGORIES = ("status", "method", "allocation", "metric_name")
+JSON_COLUMNS = ("options", "group_ratios", "rank_plan")
+REQUIRED = tuple(c for c in COLUMNS if c not in LATER_COLUMNS)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def load_results(directory: str | Path) -> pd.DataFrame:
+    """The trials table of the sweep folder `directory` (`<storage>/<name>`, or a URI) with proper
+    dtypes (see the module docstring). UserInputError when there is no table, or it is corrupt,
+    partial (columns missing) or empty."""
+    directory = str(directory)
+    if not is_uri(directory) and not Path(directory).is_dir():
+        raise UserInputError(f"results folder {directory!r} does not exist; give the folder of one sweep "
+                             f"(<storage>/<name>, the one holding {TRIALS_FILE})")
+    try:
+        data = read_file(directory, TRIALS_FILE)
+    except OSError as e:
+        raise UserInputError(f"cannot read {directory}/{TRIALS_FILE}: {e}") from None
+    if data is None:
+        raise UserInputError(f"{directory} holds no results: there is no {TRIALS_FILE} (it is written when a "
+                             f"sweep has evaluated its dense baseline; give the folder of one sweep, "
+                             f"<storage>/<name>)")
+    try:
+        raw = pd.read_parquet(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserInputError(f"{directory}/{TRIALS_FILE} cannot be read: the file is corrupt or only partly "
+                             f"written ({reason})") from None
+    if raw.empty:
+        raise UserInputError(f"{directory}/{TRIALS_FILE} holds no rows: no trial has finished yet")
+    return typed(raw, where=f"{directory}/{TRIALS_FILE}")
+
+
+def typed(df: pd.DataFrame, where: str = "the results table") -> pd.DataFrame:
+    """The table with the dtypes of `load_results` (idempotent; a copy)."""
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise UserInputError(f"{where} is partial or not a lowrank-sweep trials table: it lacks the "
+                             f"column(s) {', '.join(missing)}")
+    out = df.copy()
+    for col in LATER_COLUMNS:
+        if col not in out.columns:
+            out[col] = pd.NA
+    out = out[list(COLUMNS) + [c for c in out.columns if c not in COLUMNS]]
+    for col, dtype in COLUMNS.items():
+        if col in CATEGORIES:
+            out[col] = out[col].astype("string").fillna("").astype("category")
+        elif col in JSON_COLUMNS:
+            out[col] = [_json_cell(v, col, t, where) for v, t in zip(out[col], out["trial_id"])]
+        elif dtype == "Int64":
+            out[col] = pd.to_numeric(out[col]).astype("Int64")
+        elif dtype == "float64":
+            out[col] = pd.to_numeric(out[col]).astype("float64")
+        else:
+            out[col] = out[col].astype("string").fillna("")
+    return out.reset_index(drop=True)
+
+
+def _json_cell(value, column: str, trial_id, where: str) -> dict:
+    if isinstance(value, dict):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA or value == "":
+        return {}
+    try:
+        parsed = json.loads(value)
+    except (TypeError, json.JSONDecodeError):
+        raise UserInputError(f"{where}: column {column} of trial {trial_id} is not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise UserInputError(f"{where}: column {column} of trial {trial_id} is not a JSON object")
+    return parsed
+
+
+# -- what "best" means ----------------------------------------------------------------------------
+
+
+def higher_is_better(metric_name: str) -> bool:
+    """Accuracy: higher is better; perplexity: lower is."""
+    return str(metric_name) == "accuracy"
+
+
+def metric_name(df: pd.DataFrame) -> str:
+    names = [str(n) for n in df["metric_name"].dropna().unique() if str(n)]
+    return names[0] if names else "metric"
+
+
+def finished(df: pd.DataFrame, column: str = "metric") -> pd.DataFrame:
+    """Compressed trials that ran to the end (status ok) with a value in `column`."""
+    return df[(df["status"] == "ok") & (df["method"] != "dense") & df[column].notna()]
+
+
+def ranked(df: pd.DataFrame, column: str = "metric") -> pd.DataFrame:
+    """Rows best first by `column` (ties: smaller model, then trial id)."""
+    if df.empty:
+        return df
+    sign = -1.0 if higher_is_better(metric_name(df)) else 1.0
+    return (df.assign(_key=sign * df[column].astype(float))
+            .sort_values(["_key", "size_mb", "trial_id"], kind="stable").drop(columns="_key"))
+
+
+def best_per_ratio(df: pd.DataFrame, n: int = 1, column: str = "metric") -> pd.DataFrame:
+    """The best `n` finished trials at each target ratio, by ratio."""
+    ok = ranked(finished(df, column), column)
+    if ok.empty:
+        return ok
+    return ok.groupby("target_ratio", sort=True).head(n).sort_values(["target_ratio"], kind="stable")
+
+
+def best_per_method(df: pd.DataFrame, column: str = "metric") -> pd.DataFrame:
+    """The best finished trial of every (method, target ratio), by method then ratio."""
+    ok = ranked(finished(df, column), column)
+    if ok.empty:
+        return ok
+    best = ok.groupby(["method", "target_ratio"], sort=True, observed=True).head(1)
+    return best.sort_values(["method", "target_ratio"], kind="stable")
+
+
+def best_trial(df: pd.DataFrame, max_ratio: float | None = None, min_ratio: float | None = None) -> pd.Series:
+    """The best finished trial whose target ratio is at most `max_ratio` / at least `min_ratio`."""
+    ok = finished(df)
+    if ok.empty:
+        raise UserInputError("no trial of this sweep finished (status ok): there is nothing to choose from")
+    chosen = ok
+    if max_ratio is not None:
+        chosen = chosen[chosen["target_ratio"] <= max_ratio + 1e-9]
+    if min_ratio is not None:
+        chosen = chosen[chosen["target_ratio"] >= min_ratio - 1e-9]
+    if chosen.empty:
+        bound = (f"at most {max_ratio:g}" if max_ratio is not None else "") + \
+                (" and " if max_ratio is not None and min_ratio is not None else "") + \
+                (f"at least {min_ratio:g}" if min_ratio is not None else "")
+        have = ", ".join(f"{r:g}" for r in sorted(ok["target_ratio"].unique()))
+        raise UserInputError(f"no finished trial removes {bound} of the targeted parameters; the finished "
+                             f"trials have target ratios {have}")
+    return ranked(chosen).iloc[0]
+
+
+def find_trial(df: pd.DataFrame, trial_id: str) -> pd.Series:
+    """The row of `trial_id` (or of the one trial whose id starts with it, 4 characters or more).
+    UserInputError for an unknown id, or a trial that failed."""
+    ids = df["trial_id"].astype(str)
+    hits = df[ids == trial_id]
+    if hits.empty and len(trial_id) >= 4:
+        hits = df[ids.str.startswith(trial_id)]
+    if len(hits) > 1:
+        raise UserInputError(f"trial id {trial_id!r} is ambiguous: it starts {', '.join(hits['trial_id'])}")
+    if hits.empty:
+        listed = ", ".join(ids.head(12)) + (" ..." if len(ids) > 12 else "")
+        raise UserInputError(f"no trial {trial_id!r} in this sweep; its trials are: {listed}")
+    row = hits.iloc[0]
+    if row["status"] == "error":
+        raise UserInputError(f"trial {row['trial_id']} ({row['method']}, {row['allocation']}, ratio "
+                             f"{row['target_ratio']:g}) failed, so there is no model to use: {row['error']}")
+    return row
+
+
+def checkpoints_to_drop(df: pd.DataFrame, keep: int) -> list[str]:
+    """Trial ids whose finetuned-weights checkpoint should go: all but the best `keep` finished trials
+    of each target ratio (so `lrsweep export --best` with any ratio bound finds its weights when
+    keep >= 1)."""
+    has = df[df["checkpoint"].fillna("").astype(str) != ""]
+    if has.empty:
+        return []
+    kept = set(best_per_ratio(df, keep)["trial_id"]) if keep > 0 else set()
+    return [t for t in has["trial_id"] if t not in kept]
+
+
+# -- Pareto fronts --------------------------------------------------------------------------------
+
+
+def pareto(df: pd.DataFrame, x: str = "size_mb", y: str = "metric", x_mode: str = "min",
+           y_mode: str | None = None) -> pd.DataFrame:
+    """The rows of `df` that no other row dominates on (x, y), sorted by x (ascending).
+
+    A row dominates another when it is at least as good in both columns and better in one; `x_mode`
+    and `y_mode` say "min" or "max" is good (y_mode default: "max" for an accuracy table's metric
+    columns, else "min"). Rows with a missing x or y take no part; equal points are all kept."""
+    for col in (x, y):
+        if col not in df.columns:
+            raise UserInputError(f"pareto: no column {col!r}; columns: {', '.join(map(str, df.columns))}")
+    if y_mode is None:
+        y_mode = "max" if (y.startswith("metric") and "metric_name" in df.columns
+                           and higher_is_better(metric_name(df))) else "min"
+    for name, mode in (("x_mode", x_mode), ("y_mode", y_mode)):
+        if mode not in ("min", "max"):
+            raise UserInputError(f"pareto: {name} {mode!r}; allowed: min, max")
+    xs = pd.to_numeric(df[x], errors="coerce").astype(float).to_numpy()
+    ys = pd.to_numeric(df[y], errors="coerce").astype(float).to_numpy()
+    xs = xs if x_mode == "min" else -xs
+    ys = ys if y_mode == "min" else -ys
+    valid = np.flatnonzero(np.isfinite(xs) & np.isfinite(ys))
+    order = valid[np.lexsort((ys[valid], xs[valid]))]  # by x, then y
+    keep, best_before = [], math.inf  # best y among points with a strictly smaller x
+    i = 0
+    while i < len(order):
+        j = i
+        while j < len(order) and xs[order[j]] == xs[order[i]]:
+            j += 1
+        group_best = ys[order[i]]  # the group is sorted by y
+        if group_best < best_before:
+            keep += [k for k in order[i:j] if ys[k] == group_best]
+            best_before = group_best
+        i = j
+    return df.iloc[keep].sort_values(x, kind="stable")
+
+
+def dominated(df: pd.DataFrame, x: str = "size_mb", y: str = "metric", **kw) -> pd.Series:
+    """Boolean mask: True for rows off the Pareto front (rows with a missing x or y included)."""
+    front = pareto(df, x, y, **kw)
+    return ~df.index.isin(front.index)
+
+
+# -- comparing two experiments ----------------------------------------------------------------------
+
+
+def _settings_key(row) -> tuple:
+    return (str(row["method"]), str(row["allocation"]), round(float(row["target_ratio"]), 6),
+            json.dumps(row["options"], sort_keys=True), json.dumps(row["group_ratios"], sort_keys=True))
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """The trials of two experiments side by side: matched by trial id, then (for the rest) by method,
+    allocation, target ratio, options and group ratios; unmatched trials of either side last.
+
+    Columns: trial_a, trial_b, matched ("trial id", "settings", "only in A", "only in B"), method,
+    allocation, target_ratio, options, status_a/_b, metric_a/_b, diff (b - a), diff_pct (of a),
+    better ("A", "B", "same" or ""), achieved_ratio_a/_b, size_mb_a/_b, speedup_a/_b."""
+    a, b = typed(a, "table A"), typed(b, "table B")
+    name_a, name_b = metric_name(a), metric_name(b)
+    if name_a != name_b:
+        raise UserInputError(f"the experiments measure different things (A: {name_a}, B: {name_b}); "
+                             f"compare sweeps of the same task")
+    pairs: list[tuple[int | None, int | None, str]] = []
+    ids_b = {t: i for i, t in zip(b.index, b["trial_id"])}
+    left_a, left_b = [], set(b.index)
+    for i, t in zip(a.index, a["trial_id"]):
+        if t in ids_b:
+            pairs.append((i, ids_b[t], "trial id"))
+            left_b.discard(ids_b[t])
+        else:
+            left_a.append(i)
+    keys_b: dict[tuple, list[int]] = {}
+    for j in sorted(left_b):
+        keys_b.setdefault(_settings_key(b.loc[j]), []).append(j)
+    for i in left_a:
+        candidates = keys_b.get(_settings_key(a.loc[i]), [])
+        if len(candidates) == 1:
+            j = candidates.pop()
+            pairs.append((i, j, "settings"))
+            left_b.discard(j)
+        else:
+            pairs.append((i, None, "only in A"))
+    pairs += [(None, j, "only in B") for j in sorted(left_b)]
+
+    higher = higher_is_better(name_a)
+    rows = []
+    for i, j, how in pairs:
+        ra = a.loc[i] if i is not None else None
+        rb = b.loc[j] if j is not None else None
+        ref = ra if ra is not None else rb
+
+        def get(row, col):
+            return row[col] if row is not None else np.nan
+
+        ma, mb = float(get(ra, "metric")), float(get(rb, "metric"))
+        diff = mb - ma
+        better = ""
+        if math.isfinite(diff):
+            better = "same" if diff == 0 else ("B" if (diff > 0) == higher else "A")
+        rows.append({
+            "trial_a": ra["trial_id"] if ra is not None else "", "trial_b": rb["trial_id"] if rb is not None else "",
+            "matched": how, "method": str(ref["method"]), "allocation": str(ref["allocation"]),
+            "target_ratio": float(ref["target_ratio"]), "options": json.dumps(ref["options"], sort_keys=True),
+            "status_a": str(get(ra, "status")) if ra is not None else "",
+            "status_b": str(get(rb, "status")) if rb is not None else "",
+            "metric_a": ma, "metric_b": mb, "diff": diff,
+            "diff_pct": 100 * diff / ma if math.isfinite(diff) and ma != 0 else np.nan, "better": better,
+            "achieved_ratio_a": float(get(ra, "achieved_ratio")), "achieved_ratio_b": float(get(rb, "achieved_ratio")),
+            "size_mb_a": float(get(ra, "size_mb")), "size_mb_b": float(get(rb, "size_mb")),
+            "speedup_a": float(get(ra, "speedup")), "speedup_b": float(get(rb, "speedup")),
+        })
+    out = pd.DataFrame(rows)
+    out.attrs["metric_name"] = name_a
+    return out
+
+
+def best_of_each_method(df: pd.DataFrame) -> pd.DataFrame:
+    """For every method, its best finished trial at the largest target ratio it reached (the
+    tightest budget, where the allocation matters most)."""
+    ok = finished(df)
+    if ok.empty:
+        return ok
+    tightest = ok.groupby("method", observed=True)["target_ratio"].transform("max")
+    best = ranked(ok[ok["target_ratio"] == tightest]).groupby("method", observed=True).head(1)
+    return best.sort_values("method", kind="stable")

@@ -1,0 +1,253 @@
+"""Export one trial's compressed model as a Hugging Face folder, and run an exported model.
+
+Nothing but the rank plan and (when kept) the finetuned weights is stored per trial: the model is
+rebuilt the way the trial built it. The dense model comes from the sweep's model source (for
+classification, with the task-finetuned weights of the calibration cache), its decompositions from
+the cached calibration statistics named by the row's `calibration_key`, the compressed layers from
+the stored rank plan (`compression.compress`); then, for a finetuned trial, the parameters its
+checkpoint holds replace the rebuilt ones. The result goes through `compression.save_compressed`.
+
+Statistics missing from the cache are computed again from the stored sweep (as `lrsweep calibrate`
+would) when the sweep's settings still give the same key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from compression.errors import UserInputError
+from sweeps.analysis import best_trial, find_trial, load_results
+from sweeps.report import read_record
+
+
+@dataclass
+class Rebuilt:
+    """A trial's model, rebuilt: what `export` saves."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    row: pd.Series
+    plan: object | None          # compression.allocation.RankPlan (None for the dense baseline)
+    finetuned: bool              # the trial's finetuned weights were loaded
+    label_names: list[str] | None
+
+    @property
+    def metric(self) -> float:
+        """The metric the trial recorded for exactly this model."""
+        return float(self.row["metric"] if self.finetuned or self.row["method"] == "dense"
+                     else self.row["metric_compressed"])
+
+
+def choose(df: pd.DataFrame, trial: str | None = None, best: bool = False, max_ratio: float | None = None,
+           min_ratio: float | None = None) -> pd.Series:
+    """The row `--trial ID` or `--best [--max-ratio R | --min-ratio R]` names."""
+    if (trial is None) == (not best):
+        raise UserInputError("name one trial: --trial ID, or --best (optionally with --max-ratio or --min-ratio)")
+    if trial is not None and (max_ratio is not None or min_ratio is not None):
+        raise UserInputError("--max-ratio and --min-ratio choose among trials with --best; --trial names one")
+    for flag, value in (("--max-ratio", max_ratio), ("--min-ratio", min_ratio)):
+        if value is not None and not 0 <= value < 1:
+            raise UserInputError(f"{flag} {value:g} is outside [0, 1): it is the fraction of the targeted "
+                                 f"parameters removed, e.g. 0.4")
+    return find_trial(df, trial) if trial is not None else best_trial(df, max_ratio=max_ratio, min_ratio=min_ratio)
+
+
+def _spec(directory: str):
+    from sweeps.spec import parse_spec
+
+    record = read_record(directory)
+    if record is None or not isinstance(record.get("spec"), dict):
+        raise UserInputError(f"{directory} has no readable sweep.json (the stored sweep): without it the "
+                             f"trial's model cannot be rebuilt")
+    return parse_spec(record["spec"], origin=f"{directory}/sweep.json")
+
+
+def _cached(spec, key: str, log):
+    """(statistics, task-finetuned dense weights or None) of calibration key `key`, from the cache;
+    computed again when missing and the sweep's settings still give `key`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from compression.calibration import CalibrationStats
+    from sweeps.runner import calibration_cache, calibration_key, prepare
+
+    folder = calibration_cache()
+    stats_path, dense_path = folder / f"{key}.safetensors", folder / f"{key}.dense.safetensors"
+    classification = spec.task.type == "classification"
+    if not stats_path.is_file() or (classification and not dense_path.is_file()):
+        if calibration_key(spec) != key:
+            raise UserInputError(
+                f"the calibration statistics {key} of this trial are not in the cache ({folder}), and the "
+                f"sweep's model or data changed since (its settings now give key {calibration_key(spec)}), so "
+                f"they cannot be computed again; set LRSWEEP_CACHE to the cache the sweep used")
+        log(f"calibration statistics {key} are not in the cache: computing them again from the stored sweep")
+        prepare(spec, log=log)
+    with safe_open(str(stats_path), framework="pt") as f:
+        metadata = f.metadata()
+    stats = CalibrationStats.from_tensors(load_file(str(stats_path)), metadata)
+    dense = load_file(str(dense_path)) if classification else None
+    return stats, dense
+
+
+def _finetuned_weights(directory: str, row: pd.Series) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    from sweeps.results import read_file
+    from trainables.trial import CHECKPOINT_WEIGHTS
+
+    folder = str(row["checkpoint"])
+    data = read_file(directory, f"{folder}/{CHECKPOINT_WEIGHTS}")
+    if data is None:
+        raise UserInputError(f"the finetuned weights of trial {row['trial_id']} ({folder}/{CHECKPOINT_WEIGHTS}) "
+                             f"are missing from {directory}; pass --before-finetune to export the model as "
+                             f"compressed, before finetuning")
+    return load(data)
+
+
+def rebuild(directory: str, row: pd.Series, before_finetune: bool = False, device: str = "cpu",
+            log=print) -> Rebuilt:
+    """The model of trial `row` of the sweep folder `directory` (see the module docstring)."""
+    from compression.allocation import RankPlan
+    from compression.apply import compress, decompose_model
+    from trainables.sources import load_labelled, load_model
+
+    directory = str(directory)
+    spec = _spec(directory)
+    trial = row["trial_id"]
+    steps = 0 if pd.isna(row["finetune_steps"]) else int(row["finetune_steps"])
+    wants_finetuned = row["method"] != "dense" and not before_finetune and spec.finetune.steps > 0
+    if wants_finetuned and row["status"] == "stopped":
+        raise UserInputError(f"trial {trial} was stopped early during finetuning (ASHA), so its finetuned "
+                             f"weights were not saved; pass --before-finetune to export it as compressed")
+    if wants_finetuned and steps > 0 and not str(row["checkpoint"]):
+        name = row["metric_name"]
+        raise UserInputError(
+            f"trial {trial} was finetuned ({steps} steps) but its finetuned weights were not kept: a sweep keeps "
+            f"them for the best {spec.checkpoints.keep} trial(s) of each ratio (checkpoints.keep in the sweep "
+            f"file). Pass --before-finetune to export it as compressed, before finetuning ({name} "
+            f"{row['metric_compressed']:.4g} instead of {row['metric']:.4g}), or use --best")
+
+    task = spec.task.type
+    label_names = None
+    if task == "classification":
+        settings = spec.task_settings()
+        label_names = load_labelled(settings["train"], seed=spec.seed, text_column=settings["text_column"],
+                                    label_column=settings["label_column"]).label_names
+    stats, dense_state = _cached(spec, str(row["calibration_key"]), log) if row["calibration_key"] else (None, None)
+    loaded = load_model(spec.model, task=task, num_labels=len(label_names) if label_names else None, seed=spec.seed)
+    model = loaded.model
+    if dense_state is not None:
+        model.load_state_dict(dense_state)
+    if label_names:
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {name: i for i, name in enumerate(label_names)}
+
+    plan, finetuned = None, False
+    if row["method"] != "dense":
+        if stats is None:
+            raise UserInputError(f"trial {trial} names no calibration statistics (calibration_key is empty)")
+        method = str(row["method"])
+        alpha = float(row["options"].get("alpha", 1.0))
+        plan = RankPlan.from_dict(row["rank_plan"])
+        stats.check_matches(model)
+        decompositions = decompose_model(model, stats, method, alpha=alpha, device=device if device != "cpu" else None)
+        compress(model, stats, method, plan, decompositions=decompositions, alpha=alpha)
+        del decompositions
+        if wants_finetuned and steps > 0:
+            trained = _finetuned_weights(directory, row)
+            params = dict(model.named_parameters())
+            bad = [k for k, v in trained.items() if k not in params or params[k].shape != v.shape]
+            if bad:
+                raise UserInputError(f"the finetuned weights of trial {trial} do not fit the rebuilt model "
+                                     f"({', '.join(bad[:5])}): was the sweep's model changed since?")
+            with torch.no_grad():
+                for k, v in trained.items():
+                    params[k].copy_(v)
+            finetuned = True
+    model.eval()
+    return Rebuilt(model=model, tokenizer=loaded.tokenizer, row=row, plan=plan, finetuned=finetuned,
+                   label_names=label_names)
+
+
+def export(directory: str, out: str | Path, trial: str | None = None, best: bool = False,
+           max_ratio: float | None = None, min_ratio: float | None = None, before_finetune: bool = False,
+           device: str = "cpu", log=print) -> tuple[Path, Rebuilt]:
+    """`lrsweep export`: choose a trial, rebuild its model, write it with `save_compressed`."""
+    from compression.io import save_compressed
+
+    directory = str(directory)
+    df = load_results(directory)
+    row = choose(df, trial=trial, best=best, max_ratio=max_ratio, min_ratio=min_ratio)
+    built = rebuild(directory, row, before_finetune=before_finetune, device=device, log=log)
+    extra = {"trial_id": str(row["trial_id"]), "sweep": directory, "method": str(row["method"]),
+             "allocation": str(row["allocation"]), "options": row["options"],
+             "target_ratio": float(row["target_ratio"]), "achieved_ratio": float(row["achieved_ratio"]),
+             "metric_name": str(row["metric_name"]), "metric": built.metric, "finetuned": built.finetuned,
+             "calibration_key": str(row["calibration_key"])}
+    path = save_compressed(built.model.to("cpu"), out, tokenizer=built.tokenizer, plan=built.plan, extra=extra)
+    return path, built
+
+
+def describe(built: Rebuilt) -> str:
+    row = built.row
+    name = str(row["metric_name"])
+    value = f"{100 * built.metric:.2f} %" if name == "accuracy" else f"{built.metric:.4g}"
+    params = sum(p.numel() for p in built.model.parameters())
+    if row["method"] == "dense":
+        what = "the dense baseline"
+    else:
+        stage = "after finetuning" if built.finetuned else "as compressed, before finetuning"
+        what = (f"trial {row['trial_id']} ({row['method']} / {row['allocation']}, "
+                f"{100 * row['target_ratio']:.0f} % of the targeted parameters removed; {stage})")
+    return f"{what}: {name} {value} in the sweep, {params / 1e6:.2f} M parameters"
+
+
+# -- running an exported model --------------------------------------------------------------------
+
+
+def _load(path: str | Path, kind: str, device: str):
+    from compression.io import load_compressed
+
+    model, tokenizer, info = load_compressed(path, device=device)
+    architecture = str(info.get("architecture", ""))
+    other = {"causal": ("ForSequenceClassification", "classify"), "classifier": ("ForCausalLM", "generate")}[kind]
+    wanted = "ForCausalLM" if kind == "causal" else "ForSequenceClassification"
+    if not architecture.endswith(wanted):
+        hint = f"; use `lrsweep {other[1]}`" if architecture.endswith(other[0]) else ""
+        what = "a causal language model" if kind == "causal" else "a sequence classifier"
+        raise UserInputError(f"{path} holds a {architecture or 'model of unknown architecture'}, not {what}{hint}")
+    if tokenizer is None:
+        raise UserInputError(f"{path} has no tokenizer files; export it with `lrsweep export` (which saves them)")
+    return model, tokenizer
+
+
+def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, device: str = "cpu") -> str:
+    """Greedy continuation of `prompt` by the causal LM saved in `path` (the new text only)."""
+    if not prompt:
+        raise UserInputError("the prompt is empty; give some text to continue")
+    if max_new_tokens < 1:
+        raise UserInputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    model, tokenizer = _load(path, "causal", device)
+    encoded = tokenizer(prompt, return_tensors="pt").to(device)
+    with torch.inference_mode():
+        out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def classify(path: str | Path, text: str, device: str = "cpu") -> list[tuple[str, float]]:
+    """(label, probability) of `text` under the classifier saved in `path`, most probable first."""
+    if not text:
+        raise UserInputError("the text is empty; give some text to classify")
+    model, tokenizer = _load(path, "classifier", device)
+    limit = getattr(model.config, "max_position_embeddings", None) or 512
+    encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=limit).to(device)
+    with torch.inference_mode():
+        probs = torch.softmax(model(**encoded).logits[0].float(), dim=-1)
+    names = model.config.id2label or {}
+    out = [(str(names.get(i, f"LABEL_{i}")), float(p)) for i, p in enumerate(probs)]
+    return sorted(out, key=lambda x: -x[1])

@@ -1,0 +1,282 @@
+"""The report's figures, drawn with matplotlib's Agg canvas (no display, no pyplot state: importing
+this module does not change the backend of a notebook). Every function takes the typed table of
+`sweeps.analysis.load_results` (or one row of it) and returns PNG bytes, or None when there is
+nothing to draw.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from sweeps.analysis import finished, higher_is_better, metric_name, pareto
+
+DPI = 100
+DENSE_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.2}
+
+
+def _figure(width: float, height: float, panels: int = 1) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
+    return fig, axes
+
+
+def _png(fig: Figure) -> bytes:
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+def _metric_axis(axis, name: str) -> None:
+    """Perplexity on a log axis (it grows exponentially as a model degrades); accuracy in %."""
+    if name == "perplexity":
+        axis.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        axis.yaxis.set_major_formatter(plain)
+        axis.yaxis.set_minor_formatter(plain)
+        axis.tick_params(axis="y", which="minor", labelsize=7)
+        axis.set_ylabel("perplexity (log scale, lower is better)")
+    elif name == "accuracy":
+        axis.set_ylabel("accuracy (%, higher is better)")
+    else:
+        axis.set_ylabel(name)
+    axis.grid(alpha=0.3, which="both")
+
+
+def _shown(name: str, values) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    return 100 * values if name == "accuracy" else values
+
+
+def _dense(df: pd.DataFrame) -> pd.Series | None:
+    dense = df[(df["method"] == "dense") & df["metric"].notna()]
+    return None if dense.empty else dense.iloc[0]
+
+
+def _stages(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(column, title) of the metric before and, when trials were finetuned, after finetuning."""
+    stages = [("metric_compressed", "after compression")]
+    if finished(df, "metric_finetuned").shape[0]:
+        stages.append(("metric_finetuned", "after finetuning"))
+    return stages
+
+
+def _label(row, allocations: int) -> str:
+    parts = [str(row["method"])]
+    if allocations > 1 or row["allocation"] == "optuna":
+        parts.append(str(row["allocation"]))
+    options = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+    return " / ".join(parts) + (f" ({options})" if options else "")
+
+
+def _colours(labels: list[str]) -> dict[str, tuple]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+def metric_vs_ratio(df: pd.DataFrame) -> bytes | None:
+    """Metric against the target ratio: one line per method / allocation / options (Optuna trials as
+    points), the dense baseline as a horizontal line; before and after finetuning side by side."""
+    ok = finished(df, "metric_compressed")
+    if ok.empty:
+        return None
+    name = metric_name(df)
+    stages = _stages(df)
+    allocations = ok.loc[ok["allocation"] != "optuna", "allocation"].nunique()
+    labels = {i: _label(r, allocations) for i, r in ok.iterrows()}
+    colours = _colours(sorted(set(labels.values())))
+    fig, axes = _figure(5.2 * len(stages) + 1.6, 4.2, len(stages))
+    dense = _dense(df)
+    for axis, (column, title) in zip(axes, stages):
+        rows = ok[ok[column].notna()]
+        for label in sorted(set(labels[i] for i in rows.index)):
+            part = rows[[labels[i] == label for i in rows.index]].sort_values("target_ratio")
+            if (part["allocation"] == "optuna").all():
+                axis.scatter(100 * part["target_ratio"], _shown(name, part[column]), s=16, marker="x",
+                             color=colours[label], label=label)
+            else:
+                axis.plot(100 * part["target_ratio"], _shown(name, part[column]), marker="o", markersize=4,
+                          color=colours[label], label=label)
+        if dense is not None:
+            axis.axhline(_shown(name, [dense["metric"]])[0], label="dense baseline", **DENSE_STYLE)
+        axis.set_xlabel("targeted parameters removed (%)")
+        axis.set_title(f"{name} {title}")
+        _metric_axis(axis, name)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+def _pareto_panel(axis, df: pd.DataFrame, column: str, title: str) -> None:
+    name = metric_name(df)
+    is_dense = (df["method"] == "dense") & df["metric"].notna()
+    points = df[((df["status"] == "ok") & (df["method"] != "dense") & df[column].notna()) | is_dense].copy()
+    points.loc[points["method"] == "dense", column] = points.loc[points["method"] == "dense", "metric"]
+    points["_front"] = points.index.isin(pareto(points, "size_mb", column).index)
+    methods = sorted(str(m) for m in points["method"].unique() if str(m) != "dense")
+    colours = _colours(methods)
+    for method in methods:
+        part = points[points["method"] == method]
+        faded, on = part[~part["_front"]], part[part["_front"]]
+        axis.scatter(faded["size_mb"], _shown(name, faded[column]), s=18, color=colours[method], alpha=0.22)
+        axis.scatter(on["size_mb"], _shown(name, on[column]), s=30, color=colours[method], edgecolor="black",
+                     linewidth=0.6, label=method)
+    dense = points[points["method"] == "dense"]
+    if not dense.empty:
+        axis.scatter(dense["size_mb"], _shown(name, dense[column]), s=70, marker="*", color="0.2",
+                     label="dense", zorder=3)
+    front = points[points["_front"]].sort_values("size_mb")
+    axis.step(front["size_mb"], _shown(name, front[column]), where="post", color="black", linewidth=1,
+              alpha=0.8, label="Pareto front")
+    axis.set_xlabel("model size (MB, whole model)")
+    axis.set_title(title)
+    _metric_axis(axis, name)
+
+
+def pareto_plot(df: pd.DataFrame) -> bytes | None:
+    """Model size against the metric, before and after finetuning: the Pareto front in full colour
+    and joined by a line, dominated trials faded, the dense model as a star."""
+    if finished(df, "metric_compressed").empty:
+        return None
+    name = metric_name(df)
+    stages = _stages(df)
+    fig, axes = _figure(5.2 * len(stages) + 1.4, 4.2, len(stages))
+    for axis, (column, title) in zip(axes, stages):
+        _pareto_panel(axis, df, column, f"{name} {title} vs size")
+    handles, names = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.4 / fig.get_figwidth(), 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+def plan_grid(plan: dict) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
+    """(blocks, layers within a block, kept fraction of each unit's parameters [blocks x layers],
+    rank or kept neurons [blocks x layers], -1 = left dense) of a rank plan dict. Units are placed
+    by the first number in their name (the block) and what follows it (e.g. "self_attn.q_proj";
+    "mlp" for `id`, whose rank is the number of kept neurons)."""
+    cells: dict[tuple[int, str], tuple[float, int]] = {}
+    for unit, rank in plan.get("ranks", {}).items():
+        match = re.match(r"^(?:.*?\.)?(\d+)(?:\.(.+))?$", unit)
+        block, layer = (int(match.group(1)), match.group(2) or "block") if match else (0, unit)
+        dense = plan["dense_params"][unit]
+        kept = plan["params"][unit] / dense if dense else 1.0
+        cells[(block, layer)] = (kept, -1 if rank is None else int(rank))
+    blocks = sorted({b for b, _ in cells})
+    layers = sorted(dict.fromkeys(layer for _, layer in cells), key=_layer_order)
+    fraction = np.full((len(blocks), len(layers)), np.nan)
+    ranks = np.full((len(blocks), len(layers)), -2)  # -2: no such unit
+    for (block, layer), (kept, rank) in cells.items():
+        fraction[blocks.index(block), layers.index(layer)] = kept
+        ranks[blocks.index(block), layers.index(layer)] = rank
+    return blocks, layers, fraction, ranks
+
+
+# Usual order of the layers in a block, by the last part of their name (without "_proj").
+_ORDER = ("q", "query", "k", "key", "v", "value", "qkv", "c_attn", "query_key_value", "o", "out", "out_lin", "dense",
+          "gate", "w1", "up", "w3", "fc1", "c_fc", "lin1", "down", "w2", "fc2", "lin2", "c_proj")
+
+
+def _layer_order(layer: str) -> tuple[int, int]:
+    attention = any(word in layer for word in ("attn", "attention"))
+    leaf = layer.rsplit(".", 1)[-1].removesuffix("_proj")
+    return (0 if attention else 1, _ORDER.index(leaf) if leaf in _ORDER else len(_ORDER))
+
+
+def _short(layers: list[str]) -> list[str]:
+    """The last part of each layer name where that stays unique ("q_proj"), else the whole name."""
+    leaves = [layer.rsplit(".", 1)[-1] for layer in layers]
+    return leaves if len(set(leaves)) == len(leaves) else layers
+
+
+def rank_heatmap(row: pd.Series) -> bytes | None:
+    """Heat map of one trial's rank plan over blocks x layers: colour = fraction of the layer's
+    parameters kept, number = its rank (kept neurons for `id`; "dense" where it was left dense)."""
+    plan = row["rank_plan"] if isinstance(row["rank_plan"], dict) else json.loads(row["rank_plan"] or "{}")
+    if not plan.get("ranks"):
+        return None
+    blocks, layers, fraction, ranks = plan_grid(plan)
+    names = _short(layers)
+    width = min(16.0, max(4.2, 2.2 + 0.95 * len(layers)))
+    height = min(14.0, max(2.8, 1.5 + 0.32 * len(blocks)))
+    fig, (axis,) = _figure(width, height)
+    image = axis.imshow(np.ma.masked_invalid(fraction), aspect="auto", cmap="viridis", norm=Normalize(0, 1),
+                        interpolation="nearest")
+    fontsize = 7 if len(blocks) <= 24 else 5.5
+    for (b, c), rank in np.ndenumerate(ranks):
+        if rank == -2:
+            continue
+        text = "dense" if rank == -1 else str(rank)
+        axis.text(c, b, text, ha="center", va="center", fontsize=fontsize,
+                  color="black" if fraction[b, c] > 0.5 else "white")
+    axis.set_xticks(range(len(layers)), names, rotation=30 if max(map(len, names)) > 6 else 0, ha="right"
+                    if max(map(len, names)) > 6 else "center", fontsize=8)
+    step = max(1, len(blocks) // 16)
+    axis.set_yticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]], fontsize=8)
+    axis.set_ylabel("block")
+    what = "kept neurons per MLP" if row["method"] == "id" else "rank per layer"
+    axis.set_title(f"{row['method']} / {row['allocation']}, {100 * row['target_ratio']:.0f} % removed: {what}",
+                   fontsize=9)
+    colourbar = fig.colorbar(image, ax=axis, fraction=0.05, pad=0.02)
+    colourbar.set_label("parameters kept (fraction)", fontsize=8)
+    return _png(fig)
+
+
+def optuna_history(df: pd.DataFrame) -> bytes | None:
+    """The Optuna trials' final metric in the order they finished, with the best so far (one line
+    per budget when the study searched several)."""
+    ok = finished(df[df["allocation"] == "optuna"])
+    if ok.empty:
+        return None
+    name = metric_name(df)
+    higher = higher_is_better(name)
+    fig, (axis,) = _figure(6.4, 4.0)
+    order = np.arange(1, len(ok) + 1)
+    ok = ok.assign(_n=order)
+    ratios = sorted(ok["target_ratio"].unique())
+    colours = _colours([f"{100 * r:.0f} %" for r in ratios])
+    for ratio in ratios:
+        part = ok[ok["target_ratio"] == ratio]
+        label = f"{100 * ratio:.0f} %"
+        values = _shown(name, part["metric"])
+        best = np.maximum.accumulate(values) if higher else np.minimum.accumulate(values)
+        axis.scatter(part["_n"], values, s=18, color=colours[label], alpha=0.6,
+                     label=f"trial, {label} removed" if len(ratios) > 1 else "trial")
+        axis.step(part["_n"], best, where="post", color=colours[label], linewidth=1.4,
+                  label=f"best so far, {label} removed" if len(ratios) > 1 else "best so far")
+    dense = _dense(df)
+    if dense is not None:
+        axis.axhline(_shown(name, [dense["metric"]])[0], label="dense baseline", **DENSE_STYLE)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel("trial (in the order it finished)")
+    axis.set_title(f"Optuna: {name} per trial")
+    _metric_axis(axis, name)
+    axis.legend(fontsize=7)
+    return _png(fig)
+
+
+def optuna_pareto(df: pd.DataFrame) -> bytes | None:
+    """Multi-objective Optuna study: its trials' metric against model size, with the front."""
+    optuna_rows = df[(df["allocation"] == "optuna") | (df["method"] == "dense")]
+    if finished(optuna_rows).empty:
+        return None
+    fig, (axis,) = _figure(6.4, 4.2)
+    _pareto_panel(axis, optuna_rows, "metric", f"Optuna: {metric_name(df)} vs size (final)")
+    axis.legend(fontsize=7)
+    return _png(fig)

@@ -1,0 +1,228 @@
+"""Export of a real sweep's trials (tiny llama and tiny bert): checkpoints kept for the best trial of
+each ratio, the exported model reloads to the logits and metric the trial measured, generate and
+classify run on exports, and bad choices exit 2."""
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import sweeps.runner as runner
+from compression.io import load_compressed
+from sweeps.analysis import best_per_ratio, load_results
+from sweeps.cli import main
+from sweeps.export import export, rebuild
+from sweeps.spec import parse_spec
+from test_sweep_e2e import corpus, env, ray_cluster, sweep  # noqa: F401 - the same fixtures
+from trainables.evaluation import evaluate, logits_of
+from trainables.trial import CHECKPOINT_WEIGHTS
+
+pytestmark = pytest.mark.timeout(600)
+
+GRID = [
+    {"method": ["whiten-fd"], "ratio": [0.2, 0.4]},
+    {"method": ["svd"], "ratio": [0.4]},
+    {"method": ["svd"], "ratio": [0.99]},  # fails
+]
+FINETUNE = {"steps": 2, "batch_size": 2, "lr": 1e-3, "train": "compressed"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Rebuild with one thread, as the trials ran (and small LAPACK calls with two threads crawl on a
+    busy two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def causal(ray_cluster, corpus, env):  # noqa: F811
+    spec = sweep(corpus, env / "results", "causal", grid=GRID, finetune=FINETUNE)
+    out = runner.run_sweep(spec, log=lambda *a: None)
+    return spec, Path(out["directory"])
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    rng = random.Random(0)
+    good, bad = "great fine happy good nice".split(), "awful sad poor bad grim".split()
+    rows = [{"text": " ".join(rng.choice(good if y else bad) for _ in range(8)) + f" {i}", "label": ["neg", "pos"][y]}
+            for i, y in enumerate(rng.choice([0, 1]) for _ in range(80))]
+    path = tmp_path_factory.mktemp("labelled") / "reviews.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def classifier(causal, labelled, env):  # noqa: F811 - after the causal sweep (one Ray session)
+    spec = parse_spec({
+        "name": "classifier", "model": "tiny:bert",
+        "task": {"type": "classification", "train": f"path:{labelled}", "max_length": 32, "eval_batch_size": 8,
+                 "dense_finetune": {"steps": 2, "batch_size": 8, "lr": 1e-3}},
+        "calibration": {"samples": 8, "batch_size": 4},
+        "grid": {"method": ["whiten"], "ratio": [0.3]},
+        "resources": {"cpu": 1}, "storage": str(env / "results"),
+    })
+    out = runner.run_sweep(spec, log=lambda *a: None)
+    return spec, Path(out["directory"])
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def eval_windows(spec, tokenizer) -> torch.Tensor:
+    return runner._draw_text(spec, tokenizer)["eval"]  # the windows the trials were evaluated on
+
+
+def perplexity(model, spec, tokenizer) -> float:
+    return evaluate(model, "causal-lm", eval_windows(spec, tokenizer), batch_size=8).value
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------
+
+
+def test_only_the_best_trial_of_each_ratio_keeps_its_finetuned_weights(causal):
+    _, folder = causal
+    df = load_results(folder)
+    ok = df[(df["status"] == "ok") & (df["method"] != "dense")]
+    assert len(ok) == 3
+    kept = ok[ok["checkpoint"] != ""]
+    assert set(kept["trial_id"]) == set(best_per_ratio(df)["trial_id"]) and len(kept) == 2
+    for row in kept.itertuples():
+        weights = folder / row.checkpoint / CHECKPOINT_WEIGHTS
+        assert weights.is_file()
+        from safetensors.torch import load_file
+
+        names = set(load_file(weights))
+        # train: compressed -> exactly the parameters of the factorised layers
+        assert names and all(".self_attn." in n or ".mlp." in n for n in names)
+        assert all(n.endswith((".A", ".B")) or "weight" in n or "bias" in n for n in names)
+    # the others' folders are gone: as many checkpoint folders on disk as kept rows
+    assert len(list(folder.glob("trial_*/checkpoint_*"))) == len(kept)
+
+
+# -- export ----------------------------------------------------------------------------------------------
+
+
+def test_export_best_reloads_to_the_logits_and_metric_of_the_trial(causal, tmp_path, capsys):
+    spec, folder = causal
+    out = tmp_path / "best"
+    code, stdout, err = cli(capsys, "export", folder, "--best", "--out", out)
+    assert code == 0, err
+    df = load_results(folder)
+    best = df.loc[df[(df["status"] == "ok") & (df["method"] != "dense")]["metric"].idxmin()]
+    assert f"trial {best['trial_id']}" in stdout and "after finetuning" in stdout
+
+    model, tokenizer, info = load_compressed(out)
+    assert info["extra"]["trial_id"] == best["trial_id"] and info["extra"]["finetuned"] is True
+    assert info["plan"]["ranks"] == best["rank_plan"]["ranks"]
+    assert sum(p.numel() for p in model.parameters()) == best["params_compressed"]
+    # the saved folder gives exactly the logits of the model the export rebuilt ...
+    built = rebuild(str(folder), best, log=lambda *a: None)
+    ids = eval_windows(spec, tokenizer)
+    with torch.inference_mode():
+        assert torch.equal(logits_of(model(input_ids=ids)), logits_of(built.model(input_ids=ids)))
+    # ... which is the model the trial evaluated: the same perplexity on the same windows, to the bit
+    assert perplexity(model, spec, tokenizer) == best["metric"]
+    assert best["metric"] != pytest.approx(best["metric_compressed"], rel=1e-3)  # finetuning changed it
+
+
+def test_a_trial_whose_weights_were_not_kept_exports_before_finetuning(causal, tmp_path, capsys, monkeypatch):
+    spec, folder = causal
+    df = load_results(folder)
+    row = df[(df["status"] == "ok") & (df["method"] != "dense") & (df["checkpoint"] == "")].iloc[0]
+    code, _, err = cli(capsys, "export", folder, "--trial", row["trial_id"], "--out", tmp_path / "x")
+    assert code == 2 and "were not kept" in err and "--before-finetune" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+    code, stdout, err = cli(capsys, "export", folder, "--trial", row["trial_id"][:6], "--before-finetune",
+                            "--out", tmp_path / "compressed")
+    assert code == 0, err
+    assert "before finetuning" in stdout
+    model, tokenizer, info = load_compressed(tmp_path / "compressed")
+    assert info["extra"]["finetuned"] is False and info["extra"]["metric"] == row["metric_compressed"]
+    assert perplexity(model, spec, tokenizer) == row["metric_compressed"]  # rebuilt from statistics and plan
+
+    # statistics gone from the cache: computed again from the stored sweep, same model
+    monkeypatch.setenv("LRSWEEP_CACHE", str(tmp_path / "empty-cache"))
+    path, built = export(str(folder), tmp_path / "recomputed", trial=row["trial_id"], before_finetune=True,
+                         log=lambda *a: None)
+    assert (tmp_path / "empty-cache" / "calibration" / f"{row['calibration_key']}.safetensors").is_file()
+    again, _, _ = load_compressed(path)
+    ids = eval_windows(spec, tokenizer)
+    with torch.inference_mode():
+        torch.testing.assert_close(logits_of(again(input_ids=ids)), logits_of(model(input_ids=ids)),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_best_under_a_ratio_bound(causal, tmp_path, capsys):
+    _, folder = causal
+    df = load_results(folder)
+    best = best_per_ratio(df).set_index("target_ratio")["trial_id"]
+    code, _, err = cli(capsys, "export", folder, "--best", "--max-ratio", 0.3, "--out", tmp_path / "small")
+    assert code == 0, err
+    assert json.loads((tmp_path / "small" / "lowrank.json").read_text())["extra"]["trial_id"] == best[0.2]
+    code, _, err = cli(capsys, "export", folder, "--best", "--min-ratio", 0.3, "--out", tmp_path / "large")
+    assert code == 0, err
+    assert json.loads((tmp_path / "large" / "lowrank.json").read_text())["extra"]["trial_id"] == best[0.4]
+
+
+def test_bad_choices_exit_2_with_one_message(causal, tmp_path, capsys):
+    _, folder = causal
+    df = load_results(folder)
+    failed = df.loc[df["status"] == "error", "trial_id"].iloc[0]
+    cases = {
+        "unknown trial": (("--trial", "nosuchtrial"), "no trial 'nosuchtrial'"),
+        "failed trial": (("--trial", failed), "failed, so there is no model"),
+        "nothing under the ratio": (("--best", "--min-ratio", 0.5), "at least 0.5"),
+        "ratio out of range": (("--best", "--max-ratio", 1.5), "outside [0, 1)"),
+        "ratio without --best": (("--trial", failed, "--max-ratio", 0.3), "with --best"),
+    }
+    for name, (argv, message) in cases.items():
+        code, _, err = cli(capsys, "export", folder, *argv, "--out", tmp_path / "x")
+        assert code == 2, (name, err)
+        assert err.startswith("lrsweep: error: ") and message in err and "Traceback" not in err, (name, err)
+    assert not (tmp_path / "x").exists()
+
+
+# -- running exports -------------------------------------------------------------------------------------
+
+
+def test_generate_and_classify_run_the_exports(causal, classifier, tmp_path, capsys):
+    _, folder = causal
+    assert cli(capsys, "export", folder, "--best", "--out", tmp_path / "lm")[0] == 0
+    code, out, err = cli(capsys, "generate", tmp_path / "lm", "the model", "--max-new-tokens", 8)
+    assert code == 0, err
+    assert out.startswith("the model") and len(out.strip()) > len("the model")
+
+    cls_spec, cls_folder = classifier
+    df = load_results(cls_folder)
+    row = df[df["method"] == "whiten"].iloc[0]
+    assert row["status"] == "ok" and row["metric_name"] == "accuracy" and row["checkpoint"] == ""
+    code, out, err = cli(capsys, "export", cls_folder, "--best", "--out", tmp_path / "cls")
+    assert code == 0, err
+    model, tokenizer, info = load_compressed(tmp_path / "cls")
+    assert info["architecture"] == "BertForSequenceClassification" and info["method"] == "whiten"
+    data = runner._labelled(cls_spec)
+    accuracy = evaluate(model, "classification", data["eval"], tokenizer=tokenizer, max_length=32).value
+    assert accuracy == row["metric"]
+    code, out, err = cli(capsys, "classify", tmp_path / "cls", "great happy nice good")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["neg", "pos"]
+    assert sum(float(line.split()[1]) for line in lines) == pytest.approx(100, abs=0.02)
+
+    for argv, message in ((("generate", tmp_path / "cls", "hello"), "use `lrsweep classify`"),
+                          (("classify", tmp_path / "lm", "hello"), "use `lrsweep generate`"),
+                          (("generate", tmp_path / "nothing", "hello"), "does not exist"),
+                          (("generate", tmp_path / "lm", ""), "prompt is empty")):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and message in err and "Traceback" not in err, err
