@@ -36,7 +36,7 @@ def batches_of(windows: torch.Tensor, size: int) -> list[dict[str, torch.Tensor]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", type=int, default=32)
-    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
