@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import tiny_batches, tiny_model
+from tiny_models import random_biases, tiny_batches, tiny_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -20,16 +20,6 @@ from compression.methods import METHODS
 from compression.targets import find_mlps, find_targets
 
 ARCHS = ("llama", "gpt2", "bert", "opt", "distilbert", "gemma3", "mpnet")
-
-
-def random_biases(model: nn.Module) -> nn.Module:
-    """Give every bias random values (the tiny models start with zero biases, which would hide bias bugs)."""
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def n_params(model: nn.Module) -> int:

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from torch import nn
-from tiny_models import VOCAB, tiny_config, tiny_model
+from tiny_models import VOCAB, random_biases, tiny_config, tiny_model
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from compression.errors import UserInputError
@@ -26,16 +26,6 @@ def tied_llama() -> nn.Module:
     config.tie_word_embeddings = True
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
-
-
-def random_biases(model: nn.Module) -> nn.Module:
-    """Give every bias random values (the tiny models start with zero biases, which would hide bias bugs)."""
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def low_rank_everything(model: nn.Module, skip: set[str] = frozenset()) -> None:

@@ -99,3 +99,13 @@ def tiny_batches(model: nn.Module, n_batches: int = 2, batch: int = 3, seq_len: 
             b["labels"] = torch.randint(0, num_labels, (batch,), generator=g)
         out.append(b)
     return out
+
+
+def random_biases(model: nn.Module) -> nn.Module:
+    """Give every bias random values (the tiny models start with zero biases, which would hide bias bugs)."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
