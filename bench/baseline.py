@@ -51,7 +51,7 @@ def load_times(models: tuple[str, ...], repeats: int) -> None:
 
 
 def dense_perplexity(models: tuple[str, ...], windows: int, seq_len: int) -> None:
-    print(f"\n| model | eval data | windows x tokens | perplexity | eval tokens/s |\n|---|---|---|---|---|")
+    print("\n| model | eval data | windows x tokens | perplexity | eval tokens/s |\n|---|---|---|---|---|")
     for source in models:
         loaded = load_model(source)
         for corpus in CORPORA:

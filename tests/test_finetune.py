@@ -1,6 +1,5 @@
 """The finetune loop: loss goes down, schedule, accumulation, frozen params, callback, config errors."""
 
-import copy
 import importlib.metadata
 import math
 import random
