@@ -131,6 +131,11 @@ def _validate(args: argparse.Namespace) -> int:
           f"({cal['seq_len']} tokens); finetune: {spec.finetune.steps} steps")
     print(f"  per trial: {r.cpu:g} CPU, {r.gpu:g} GPU; at most "
           f"{r.max_concurrent if r.max_concurrent else 'as many as fit'} at once")
+    lim = spec.limits
+    print(f"  limits: sweep {f'{lim.sweep_seconds:g} s' if lim.sweep_seconds else 'none'}, trial "
+          f"{f'{lim.trial_seconds:g} s' if lim.trial_seconds else 'none'}, calibration statistics "
+          f"{f'{lim.stats_memory_gb:g} GB' if lim.stats_memory_gb else 'half the available memory'}, "
+          f"{lim.retries} retries of a crashed trial")
     print(f"  results: {directory}" + (" (holds this sweep already)" if stored else ""))
     if spec.optuna is None:
         print(f"\n{'trial_id':<12}  {'method':<10}  {'allocation':<10}  {'ratio':>6}  options")

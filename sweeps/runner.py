@@ -31,7 +31,7 @@ from ray.tune.schedulers import ASHAScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from compression.calibration import CalibrationStats, collect_stats
+from compression.calibration import CalibrationStats, collect_stats, estimate_stats_bytes
 from compression.errors import UserInputError
 
 from sweeps import __version__
@@ -186,6 +186,38 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.replace(tmp, path)
 
 
+STATS_MEMORY_FRACTION = 0.5  # default limit: this share of the memory available at the start
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations now (psutil, a dependency of accelerate)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_stats_memory(spec: SweepSpec, model, log=print) -> int:
+    """Estimate the calibration statistics of `model` from its shapes, report it, and raise a
+    UserInputError (before anything is computed) when it is above `limits.stats_memory_gb`, or
+    by default above half the available memory. Returns the estimate in bytes."""
+    need = estimate_stats_bytes(model)
+    limit_gb = spec.limits.stats_memory_gb
+    if limit_gb is None:
+        free = available_memory()
+        limit, origin = STATS_MEMORY_FRACTION * free, f"half the memory available on this machine ({free / 1e9:.2f} GB)"
+    else:
+        limit, origin = limit_gb * 1e9, "limits.stats_memory_gb"
+    log(f"calibration statistics: {need / 1e9:.3f} GB (estimated from the model's shapes; "
+        f"limit {limit / 1e9:.3f} GB)")
+    if need > limit:
+        raise UserInputError(
+            f"limits.stats_memory_gb: the calibration statistics of {spec.model} need about {need / 1e9:.3f} GB "
+            f"(float64 Gram matrices and Fisher vectors of every targeted layer), more than the "
+            f"{limit / 1e9:.3f} GB allowed by {origin}; run the driver on a machine with more memory, "
+            f"or raise limits.stats_memory_gb if you know it fits")
+    return need
+
+
 def prepare(spec: SweepSpec, progress: bool = True, log=print) -> Prepared:
     """Load, (task-finetune,) evaluate the dense model, and calibrate (or load cached statistics)."""
     timings: dict[str, float] = {}
@@ -203,6 +235,7 @@ def prepare(spec: SweepSpec, progress: bool = True, log=print) -> Prepared:
         loaded = load_model(spec.model, task="classification", num_labels=data["num_labels"], seed=spec.seed)
     timings["load"] = time.perf_counter() - start
     log(f"model {spec.model}: {model_size(loaded.model)[0] / 1e6:.1f} M parameters, loaded in {timings['load']:.1f} s")
+    check_stats_memory(spec, loaded.model, log=log)  # fail before the dense baseline and calibration
 
     dense_state = None
     seconds_dense_finetune = 0.0
@@ -275,7 +308,9 @@ def _decompose_task(model_source: str, task: str, num_labels: int | None, seed: 
     start = time.perf_counter()
     out = decompose_model(loaded.model, stats, method, alpha=options.get("alpha", 1.0),
                           device=device if device != "cpu" else None)
-    return out, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    # back on the CPU before they are shared: trials on CPU-only nodes read the same objects
+    return {name: d.to("cpu") for name, d in out.items()}, seconds
 
 
 # -- Tune -----------------------------------------------------------------------------------------
@@ -332,8 +367,10 @@ class ResultsCallback(Callback):
     def __init__(self, table: ResultsTable, total: int, log) -> None:
         self.table, self.total, self.log = table, total, log
         self.done = 0
+        self.recorded: set[str] = set()  # Tune trial ids with a row
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.recorded.add(trial.trial_id)
         result = trial.last_result or {}
         if not result.get("config_id"):
             self._failed(trial, "the trial ended without reporting a result")
@@ -354,10 +391,29 @@ class ResultsCallback(Callback):
                 outcome += f" -> {row['metric']:.4g} finetuned"
             outcome += f", removed {100 * row['achieved_ratio']:.1f}%"
             if row["status"] == "stopped":
-                outcome += " (stopped early by ASHA)"
+                outcome += " (stopped early: ASHA or limits.trial_seconds)"
         self.log(f"[{self.done}/{self.total}] {row['trial_id']} {what}: {outcome}")
 
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        error = trial.get_error()
+        message = str(error).strip().splitlines()[-1] if error else "the trial's worker failed"
+        self.log(f"trial {_trial_name(trial)} crashed ({message}); Tune retries it")
+
+    def on_experiment_end(self, trials, **info) -> None:
+        """The sweep's time budget (limits.sweep_seconds) stops trials without completing them:
+        those that reported keep a "stopped" row; those that never started get none (--resume runs both)."""
+        cut = [t for t in trials if t.trial_id not in self.recorded]
+        for trial in cut:
+            result = trial.last_result or {}
+            if result.get("config_id"):
+                self.recorded.add(trial.trial_id)
+                self._add(row_from_result(result, status="stopped"))
+        if cut:
+            self.log(f"the sweep stopped (limits.sweep_seconds, or interrupted) before {len(cut)} trial(s) "
+                     f"finished; `lrsweep run --resume` runs them")
+
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.recorded.add(trial.trial_id)
         error = trial.get_error()
         message = str(error).strip().splitlines()[-1] if error else "the trial's worker failed"
         self._failed(trial, message)
@@ -388,9 +444,19 @@ def _kept_rows(spec: SweepSpec, directory: str) -> list[dict]:
     return ok.to_dict("records")
 
 
+def trial_stats(stats: CalibrationStats) -> CalibrationStats:
+    """What a trial reads of the statistics: the targets, token counts and block importance (for
+    planning ranks and checking the model), without the Gram matrices and Fisher vectors, which
+    only the decomposition tasks need. A trial process then never holds the full statistics
+    (gigabytes for a large model): only the decomposition tasks pull them to their nodes."""
+    return CalibrationStats(list(stats.targets), {}, dict(stats.tokens), {}, {}, {}, stats.block_importance.clone(),
+                            dict(stats.meta))
+
+
 def _put_shared(spec: SweepSpec, prepared: Prepared, log) -> Shared:
     """Put the statistics, data and dense weights in the object store once; run one decomposition
-    task per (method, options) and wait for them all (trials must not wait holding their CPUs)."""
+    task per (method, options) and wait for them all (trials must not wait holding their CPUs).
+    Everything reaches the workers through the object store, never through a path on the head."""
     stats_ref = ray.put(prepared.stats)
     data = {k: prepared.data[k] for k in ("eval", "train") if k in prepared.data}
     data["num_labels"] = prepared.data.get("num_labels")
@@ -398,7 +464,9 @@ def _put_shared(spec: SweepSpec, prepared: Prepared, log) -> Shared:
     dense_ref = ray.put(prepared.dense_state) if prepared.dense_state is not None else None
     res = spec.resources
     device = "cuda" if res.gpu > 0 else "cpu"
-    task = ray.remote(num_cpus=res.cpu, num_gpus=res.gpu, num_returns=2, max_retries=0)(_decompose_task)
+    # a crashed worker is retried (limits.retries); a Python exception is not (retry_exceptions=False)
+    task = ray.remote(num_cpus=res.cpu, num_gpus=res.gpu, num_returns=2,
+                      max_retries=spec.limits.retries)(_decompose_task)
     refs = {}
     for method, options in spec.decompositions():
         refs[decomposition_key(method, options)] = task.remote(
@@ -411,8 +479,8 @@ def _put_shared(spec: SweepSpec, prepared: Prepared, log) -> Shared:
         except Exception as e:  # noqa: BLE001 - its trials fail with this error and the sweep goes on
             seconds[key] = math.nan
             log(f"decomposition {key} failed: {str(e).strip().splitlines()[-1]}")
-    return Shared(stats=stats_ref, decompositions={k: d for k, (d, _) in refs.items()}, data=data_ref,
-                  dense_state=dense_ref, metric_dense=prepared.dense_row["metric"],
+    return Shared(stats=ray.put(trial_stats(prepared.stats)), decompositions={k: d for k, (d, _) in refs.items()},
+                  data=data_ref, dense_state=dense_ref, metric_dense=prepared.dense_row["metric"],
                   params_dense=prepared.dense_row["params_dense"], seconds_calibration=prepared.seconds_calibration,
                   seconds_decompose=seconds, calibration_key=prepared.calibration_key)
 
@@ -426,7 +494,7 @@ def _sampler(spec: SweepSpec):
 
 
 def _tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: str, table: ResultsTable,
-           kept: list[dict], log) -> tune.Tuner | None:
+           kept: list[dict], log, time_budget: float | None = None) -> tune.Tuner | None:
     from trainables.trial import trainable
 
     res = spec.resources
@@ -437,8 +505,11 @@ def _tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: str, 
         scheduler = ASHAScheduler(metric="metric", mode=spec.metric_mode, time_attr="training_iteration",
                                   max_t=2 + spec.finetune.steps // spec.finetune.eval_every,
                                   grace_period=es.grace_period, reduction_factor=es.reduction_factor)
+    # reuse_actors: trials run one after another in the same worker process, which keeps its dense
+    # model loaded (trainables.trial caches it per process): one model load per worker, not per trial
     common = {"max_concurrent_trials": res.max_concurrent, "scheduler": scheduler, "reuse_actors": True,
-              "trial_name_creator": _trial_name, "trial_dirname_creator": _trial_dirname}
+              "trial_name_creator": _trial_name, "trial_dirname_creator": _trial_dirname,
+              "time_budget_s": time_budget}
     if spec.optuna is None:
         done = {r["trial_id"] for r in kept}
         configs = [c for c in expand(spec) if c["trial_id"] not in done]
@@ -465,8 +536,11 @@ def _tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: str, 
         total = remaining
     storage_path, name = directory.rsplit("/", 1) if is_uri(directory) else (str(Path(directory).parent),
                                                                                Path(directory).name)
+    limits = spec.limits
     run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
-                                callbacks=[ResultsCallback(table, total, log)])
+                                callbacks=[ResultsCallback(table, total, log)],
+                                stop={"time_total_s": limits.trial_seconds} if limits.trial_seconds else None,
+                                failure_config=tune.FailureConfig(max_failures=limits.retries))
     return tune.Tuner(fn, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
@@ -502,7 +576,15 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
         ray.init(**init)
     try:
         shared = _put_shared(spec, prepared, log)
-        tuner = _tuner(spec, prepared, shared, directory, table, kept, log)
+        budget = None
+        if spec.limits.sweep_seconds is not None:  # what preparation left of the sweep's budget
+            budget = spec.limits.sweep_seconds - (time.perf_counter() - wall)
+            if budget <= 0:
+                raise UserInputError(
+                    f"limits.sweep_seconds: {spec.limits.sweep_seconds:g} s were spent before the first trial "
+                    f"(loading, baseline, calibration, decompositions: {time.perf_counter() - wall:.0f} s); "
+                    f"raise it and run again with --resume (the statistics are cached)")
+        tuner = _tuner(spec, prepared, shared, directory, table, kept, log, time_budget=budget)
         if tuner is not None:
             tuner.fit()
     finally:

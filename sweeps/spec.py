@@ -267,8 +267,24 @@ class Checkpoints(Section):
     keep: int = Field(1, ge=0)
 
 
+class Limits(Section):
+    """What a sweep may spend. Time limits go to Ray Tune (`TuneConfig(time_budget_s)`, a stop on
+    each trial's `time_total_s`, checked whenever the trial reports: after compression and at each
+    finetuning evaluation); trials they cut are recorded "stopped" and `--resume` runs them again.
+    `retries`: how often Tune retries a trial whose worker crashed (OOM kill, lost node, CUDA out of
+    memory; `FailureConfig(max_failures)`); errors in the input are never retried.
+    `stats_memory_gb`: the largest calibration statistics the sweep may compute (estimated from the
+    model's shapes before they are computed); default: half the memory available when the sweep
+    starts (the driver holds them and the object store a second copy)."""
+
+    sweep_seconds: float | None = Field(None, gt=0, description="wall-time budget of the whole sweep")
+    trial_seconds: float | None = Field(None, gt=0, description="wall-time limit of one trial")
+    stats_memory_gb: float | None = Field(None, gt=0, description="largest calibration statistics, in GB")
+    retries: int = Field(2, ge=0, description="retries of a trial whose worker crashed")
+
+
 # Sections that do not change any result: left out of the sweep hash and of the trial ids.
-NOT_RESULTS = ("name", "storage", "resources", "latency", "checkpoints")
+NOT_RESULTS = ("name", "storage", "resources", "latency", "checkpoints", "limits")
 
 
 class SweepSpec(Section):
@@ -282,6 +298,7 @@ class SweepSpec(Section):
     resources: Resources = Resources()
     latency: Latency = Latency()
     checkpoints: Checkpoints = Checkpoints()
+    limits: Limits = Limits()
     storage: str = "results"
     seed: int = 0
 
@@ -399,7 +416,7 @@ class SweepSpec(Section):
     @property
     def spec_hash(self) -> str:
         """Identity of the sweep: everything that changes results (not name, storage, resources,
-        latency or checkpoints)."""
+        latency, checkpoints or limits)."""
         body = self.model_dump(mode="json", exclude=set(NOT_RESULTS))
         return _hash(body)
 

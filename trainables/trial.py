@@ -6,8 +6,22 @@ launcher put once: the calibration statistics, the ratio-independent decompositi
 method, the token windows / labelled examples, and (classification) the task-finetuned dense
 weights. Nothing here parses a sweep file or recomputes what is shared.
 
-Every report carries the full row of the results table (see `REPORTED`); a trial that fails
-reports status "error" with the message and returns normally, so the sweep goes on.
+Every report carries the full row of the results table (see `_Row`). Failures:
+
+- a mistake in the input (`UserInputError`: a rank plan that cannot be met, a bad option) and any
+  other Python exception from the trial's own code is deterministic (same config, same seed, same
+  error), so retrying it would only burn compute: the trial reports status "error" with the
+  message and returns normally, and the sweep goes on;
+- what can go differently on another attempt is raised to Tune, which retries the trial up to
+  the sweep's `limits.retries` (`FailureConfig(max_failures=...)`) and then records it as failed:
+  a crash or OOM kill of the worker process or the loss of its node (Tune sees the actor die;
+  nothing in this module runs), running out of CUDA or host memory (a concurrent trial may have
+  held it), a lost object or dead actor in Ray, and OS / network errors (storage, a hub download).
+
+On a GPU (`resources.gpu` > 0 and CUDA visible in the worker), the trial compresses, evaluates,
+measures and finetunes on its CUDA device: the model and the method's decompositions are moved
+there (they arrive on the CPU, so CPU-only trials can read the same objects); the rank plan is
+made on the CPU from the decompositions' loss curves, which is cheap and device-independent.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from ray import tune
 from torch import nn
 
 from compression.apply import compress, plan_ranks
+from compression.errors import UserInputError
 from trainables.evaluation import device_label, evaluate, forward_latency, latency_inputs
 from trainables.finetune import FinetuneConfig, finetune
 from trainables.sources import LoadedModel, load_model
@@ -59,7 +74,7 @@ class Shared:
     None when the trials start from the model as loaded.
     """
 
-    stats: Any
+    stats: Any  # CalibrationStats without Grams and Fisher vectors (a trial plans and checks only)
     decompositions: dict[str, Any]
     data: Any
     dense_state: Any = None
@@ -177,6 +192,14 @@ def _save_trained(model: nn.Module, folder: str) -> None:
     save_file(trained, os.path.join(folder, CHECKPOINT_WEIGHTS), metadata={"format": "lowrank-sweep/finetuned"})
 
 
+def retryable(error: BaseException) -> bool:
+    """Whether another attempt of the trial could succeed (see the module docstring): such errors
+    go to Tune, which retries the trial; all others become an error row at once."""
+    if isinstance(error, UserInputError):
+        return False
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError, ray.exceptions.RayError, OSError, TimeoutError))
+
+
 def trainable(config: dict, shared: Shared) -> None:
     """Tune function trainable (wrap with `tune.with_parameters(trainable, shared=...)`).
 
@@ -187,6 +210,8 @@ def trainable(config: dict, shared: Shared) -> None:
     try:
         _run(config, shared, row)
     except Exception as e:  # noqa: BLE001 - any failure becomes an error row; the sweep goes on
+        if retryable(e):
+            raise  # Tune retries the trial (limits.retries), then records it as failed
         message = f"{type(e).__name__}: {e}"
         print(f"trial {row.values['config_id']} failed:\n{traceback.format_exc()}", flush=True)
         row.report(status="error", error=message, metric=math.nan)
@@ -215,7 +240,12 @@ def _run(config: dict, shared: Shared, row: _Row) -> None:
                           group_ratios=config["group_ratios"], granularity=config["granularity"])
     else:
         plan = plan_ranks(model, stats, method, config["ratio"], config["allocation"], decompositions)
+    if device.type != "cpu":  # compress on the trial's GPU: truncation math (float64) runs there
+        model.to(device)
+        decompositions = {name: d.to(device) for name, d in decompositions.items()}
     compress(model, stats, method, plan, decompositions=decompositions, alpha=options.get("alpha", 1.0))
+    if device.type != "cpu":
+        torch.cuda.synchronize(device)
     params, size_mb = model_size(model)
     row.values.update(seconds_compress=time.perf_counter() - start, achieved_ratio=plan.achieved_ratio,
                       params_compressed=params, size_mb=size_mb,

@@ -14,6 +14,7 @@ clamped whitening guarantees). The loss of keeping rank k is the sum of the drop
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
 
@@ -96,6 +97,15 @@ class Decomposition:
             for t in (self._left, self._right, self.sigma, self._row_inv)
             if t is not None
         )
+
+    def to(self, device: torch.device | str) -> Decomposition:
+        """A copy with every tensor on `device` (dtypes kept: float64 stays float64). Truncating
+        the copy gives the same factors on that device."""
+        out = copy.copy(self)
+        for name in ("_left", "_right", "sigma", "_row_inv", "_balance"):
+            t = getattr(self, name)
+            setattr(out, name, None if t is None else t.to(device))
+        return out
 
     def __repr__(self) -> str:
         return (

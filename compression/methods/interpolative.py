@@ -25,6 +25,8 @@ loss_curve part uses that diagonal estimate (it is below rtol of the total anywa
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -113,6 +115,14 @@ class NeuronDecomposition:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self._factor, self._down, self.order))
+
+    def to(self, device: torch.device | str) -> NeuronDecomposition:
+        """A copy with every tensor on `device` (dtypes kept); truncating it gives the same
+        neurons and down weight on that device."""
+        out = copy.copy(self)
+        for name in ("order", "_factor", "_down", "_loss"):
+            setattr(out, name, getattr(self, name).to(device))
+        return out
 
     def __repr__(self) -> str:
         return f"NeuronDecomposition(neurons={self.max_rank}, out={self.out_features}, rank={self.rank})"

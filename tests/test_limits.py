@@ -1,0 +1,190 @@
+"""Limits of a sweep (time budget, trial timeout, retries, memory guard for the statistics), which
+errors a trial hands to Tune for a retry, and what a trial reads of the statistics. No Ray."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tiny_models import tiny_batches, tiny_model
+
+from compression.apply import compress, decompose_model, plan_ranks
+from compression.calibration import collect_stats, estimate_stats_bytes
+from compression.errors import UserInputError
+from sweeps import runner
+from sweeps.cli import main
+from sweeps.spec import parse_spec
+from trainables import trial
+
+BASE = {
+    "name": "t",
+    "model": "tiny:llama",
+    "task": {"type": "causal-lm", "eval": "packaged:lee", "seq_len": 32, "eval_windows": 2},
+    "calibration": {"samples": 2, "batch_size": 2},
+    "grid": {"method": ["svd"], "ratio": [0.2]},
+    "resources": {"cpu": 1, "max_concurrent": 1},
+}
+
+
+def spec(**limits):
+    return parse_spec({**BASE, "limits": limits})
+
+
+def test_limits_defaults_and_values():
+    s = parse_spec(BASE)
+    assert (s.limits.sweep_seconds, s.limits.trial_seconds, s.limits.stats_memory_gb, s.limits.retries) == \
+        (None, None, None, 2)
+    s = spec(sweep_seconds=3600, trial_seconds=600, stats_memory_gb=0.5, retries=0)
+    assert (s.limits.sweep_seconds, s.limits.trial_seconds, s.limits.stats_memory_gb, s.limits.retries) == \
+        (3600, 600, 0.5, 0)
+
+
+def test_limits_change_neither_the_sweep_hash_nor_the_trial_ids():
+    from sweeps.spec import expand
+
+    plain, limited = parse_spec(BASE), spec(sweep_seconds=10, trial_seconds=5, retries=0)
+    assert plain.spec_hash == limited.spec_hash
+    assert [c["trial_id"] for c in expand(plain)] == [c["trial_id"] for c in expand(limited)]
+
+
+@pytest.mark.parametrize("limits, field", [
+    ({"sweep_seconds": 0}, "limits.sweep_seconds"),
+    ({"trial_seconds": -5}, "limits.trial_seconds"),
+    ({"stats_memory_gb": 0}, "limits.stats_memory_gb"),
+    ({"retries": -1}, "limits.retries"),
+    ({"retries": 1.5}, "limits.retries"),
+    ({"timeout": 5}, "limits.timeout"),
+])
+def test_bad_limits_name_their_field(limits, field):
+    with pytest.raises(UserInputError, match=field.replace(".", r"\.")):
+        spec(**limits)
+
+
+def test_unknown_limit_lists_the_allowed_keys():
+    with pytest.raises(UserInputError, match="allowed: sweep_seconds, trial_seconds, stats_memory_gb, retries"):
+        spec(memory=1)
+
+
+# -- memory guard ---------------------------------------------------------------------------------
+
+
+def test_memory_guard_reports_and_passes_under_the_limit():
+    model = tiny_model("llama")
+    need = estimate_stats_bytes(model)
+    lines = []
+    assert runner.check_stats_memory(spec(stats_memory_gb=1.0), model, log=lines.append) == need
+    assert "calibration statistics:" in lines[0] and "estimated" in lines[0]
+
+
+def test_memory_guard_default_is_half_the_available_memory(monkeypatch):
+    model = tiny_model("llama")
+    need = estimate_stats_bytes(model)
+    monkeypatch.setattr(runner, "available_memory", lambda: 2 * need + 2)
+    runner.check_stats_memory(spec(), model, log=lambda _: None)
+    monkeypatch.setattr(runner, "available_memory", lambda: 2 * need - 2)
+    with pytest.raises(UserInputError, match="half the memory available"):
+        runner.check_stats_memory(spec(), model, log=lambda _: None)
+
+
+def test_the_estimate_is_what_calibration_returns():
+    model = tiny_model("llama")
+    stats = collect_stats(model, tiny_batches(model, n_batches=1), progress=False)
+    assert estimate_stats_bytes(model) == stats.nbytes()
+
+
+def test_calibrate_over_the_limit_fails_up_front_with_exit_2(tmp_path, monkeypatch, capsys):
+    """The estimate is printed, nothing is evaluated or calibrated, nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LRSWEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(runner, "collect_stats", lambda *a, **k: pytest.fail("statistics computed"))
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: pytest.fail("dense model evaluated"))
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "limits": {"stats_memory_gb": 1e-6}}))
+    code = main(["calibrate", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "calibration statistics:" in out and "estimated" in out
+    assert err.startswith("lrsweep: error: limits.stats_memory_gb:") and "Traceback" not in err
+    assert not (tmp_path / "cache" / "calibration").exists() and not (tmp_path / "results").exists()
+
+
+def test_validate_prints_the_limits(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "limits": {"sweep_seconds": 7200, "trial_seconds": 900}}))
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "limits: sweep 7200 s, trial 900 s, calibration statistics half the available memory, 2 retries" in out
+
+
+# -- failures: retried by Tune, or an error row at once ----------------------------------------------
+
+
+@pytest.mark.parametrize("error, retried", [
+    (UserInputError("rank plan cannot be met"), False),
+    (ValueError("a bug"), False),
+    (RuntimeError("a bug"), False),
+    (torch.OutOfMemoryError("CUDA out of memory"), True),
+    (MemoryError(), True),
+    (OSError("storage unreachable"), True),
+    (ConnectionError("hub"), True),
+    (TimeoutError(), True),
+])
+def test_which_errors_are_retried(error, retried):
+    assert trial.retryable(error) is retried
+
+
+def test_ray_errors_are_retried():
+    import ray.exceptions
+
+    assert trial.retryable(ray.exceptions.ObjectLostError("00" * 28, "owner", "call site"))
+
+
+def _config():
+    from sweeps.spec import expand
+
+    return expand(parse_spec(BASE))[0]
+
+
+def test_a_deterministic_error_becomes_an_error_row(monkeypatch):
+    reports = []
+    monkeypatch.setattr(trial._Row, "report", lambda self, checkpoint=None, **u: reports.append(u))
+    monkeypatch.setattr(trial, "_run", lambda *a: (_ for _ in ()).throw(UserInputError("no such rank")))
+    trial.trainable({"trial": _config()}, trial.Shared(stats=None, decompositions={}, data=None))
+    assert reports == [{"status": "error", "error": "UserInputError: no such rank", "metric": reports[0]["metric"]}]
+
+
+def test_a_transient_error_goes_to_tune(monkeypatch):
+    monkeypatch.setattr(trial._Row, "report", lambda *a, **k: pytest.fail("reported an error row"))
+    monkeypatch.setattr(trial, "_run", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        trial.trainable({"trial": _config()}, trial.Shared(stats=None, decompositions={}, data=None))
+
+
+# -- what trials read of the statistics -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, allocation", [("whiten-fd", "layer"), ("whiten", "type"), ("id", "uniform")])
+def test_trials_plan_and_compress_the_same_without_grams(method, allocation):
+    model = tiny_model("llama")
+    batches = tiny_batches(model)
+    stats = collect_stats(model, batches, progress=False)
+    light = runner.trial_stats(stats)
+    assert not light.grams and not light.row_fisher and light.nbytes() < stats.nbytes() / 10
+    decs = decompose_model(model, stats, method)
+    full_plan = plan_ranks(model, stats, method, 0.4, allocation, decs)
+    light_plan = plan_ranks(model, light, method, 0.4, allocation, decs)
+    assert light_plan.ranks == full_plan.ranks
+    a = compress(copy.deepcopy(model), stats, method, full_plan, decs)
+    b = compress(copy.deepcopy(model), light, method, light_plan, decs)
+    batch = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.equal(a(**batch).logits, b(**batch).logits)
+
+
+def test_example_cluster_sweep_sets_limits():
+    from sweeps.spec import load_spec
+
+    s = load_spec(Path(__file__).resolve().parents[1] / "sweeps" / "examples" / "llama-cluster.yaml")
+    assert s.limits.sweep_seconds and s.limits.trial_seconds and s.limits.retries >= 1
