@@ -27,10 +27,13 @@ made on the CPU from the decompositions' loss curves, which is cheap and device-
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -215,6 +218,25 @@ def trainable(config: dict, shared: Shared) -> None:
         message = f"{type(e).__name__}: {e}"
         print(f"trial {row.values['config_id']} failed:\n{traceback.format_exc()}", flush=True)
         row.report(status="error", error=message, metric=math.nan)
+    finally:
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Give a finished trial's memory back before the reused actor runs the next trial.
+
+    Without this the quickstart's two reused SmolLM2 workers grew by ~1.4 GB per trial (node
+    memory 10 -> 19 GB over 10 trials) until Ray's memory monitor killed one; with it node memory
+    stayed flat at ~10 GB. Two causes are covered: modules and optimizer state in reference
+    cycles, which only the cyclic collector frees, and freed tensor memory that glibc keeps in
+    its heap until trimmed.
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc (e.g. musl): nothing to trim
+            pass
 
 
 def _run(config: dict, shared: Shared, row: _Row) -> None:
