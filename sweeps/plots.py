@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator
 
 from sweeps.analysis import finished, higher_is_better, metric_name, pareto
 
@@ -43,7 +43,8 @@ def _metric_axis(axis, name: str) -> None:
         axis.set_yscale("log")
         plain = FuncFormatter(lambda v, _: f"{v:g}")
         axis.yaxis.set_major_formatter(plain)
-        axis.yaxis.set_minor_formatter(plain)
+        # label minor ticks only over a short range: over many decades they overlap
+        axis.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.5)))
         axis.tick_params(axis="y", which="minor", labelsize=7)
         axis.set_ylabel("perplexity (log scale, lower is better)")
     elif name == "accuracy":
