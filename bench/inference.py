@@ -4,39 +4,24 @@
 
 The low-rank models of the SVD family all have the same shapes at a given allocation, so one
 `whiten-fd` model stands for them (uniform and spectrum allocations); `id` gives a narrower
-dense MLP. Latency is the median of --repeats timed forwards after 2 warm-up runs, on CPU
-unless CUDA is available. Writes the "inference" section of BENCHMARKS.md.
+dense MLP. Latency is the median of --repeats timed forwards after 2 warm-up rounds, the models' runs
+interleaved so all see the same load (`trainables.evaluation.forward_latency`), on CPU unless
+CUDA is available. Writes the "inference" section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from benchfile import machine_line, write_section
 from compression.apply import compress, decompose_model, plan_ranks
 from compression.calibration import collect_stats
+from trainables.evaluation import forward_latency
 from trainables.sources import draw_windows, load_model
 
 MODEL = "packaged:smollm2-135m"
-
-
-def median_latency(model: torch.nn.Module, inputs: torch.Tensor, repeats: int) -> float:
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 2):
-            if inputs.is_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(input_ids=inputs)
-            if inputs.is_cuda:
-                torch.cuda.synchronize()
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -60,24 +45,23 @@ def main() -> None:
         plan = plan_ranks(model, stats, method, args.ratio, allocation, decs)
         variants.append((f"{method} / {allocation}", compress(model, stats, method, plan, decs, inplace=False), plan))
         del decs
-    inputs = windows["eval"].to(device)
+    inputs = windows["eval"]
+    nets = [small if small is not None else model for _, small, _ in variants]
+    latencies = forward_latency(nets, inputs, repeats=args.repeats, warmup=2, device=device)  # interleaved
 
-    rows, base = [], None
-    for label, small, plan in variants:
-        net = (small if small is not None else model).to(device).eval()
+    rows = []
+    for (label, _, plan), net, latency in zip(variants, nets, latencies):
         params = sum(p.numel() for p in net.parameters())
-        latency = median_latency(net, inputs, args.repeats)
-        base = base or latency
         achieved = f"{plan.achieved_ratio:.3f}" if plan is not None else "-"
-        rows.append(f"| {label} | {achieved} | {params / 1e6:.1f} | {latency * 1e3:.0f} | {base / latency:.2f}x |")
+        rows.append(f"| {label} | {achieved} | {params / 1e6:.1f} | {latency * 1e3:.0f} | {latencies[0] / latency:.2f}x |")
         print(rows[-1], flush=True)
 
     body = "\n".join([
         "## Inference latency: SmolLM2-135M (`bench/inference.py`)",
         "",
         machine_line() + f" Device: {device.type}.",
-        f"Forward pass of a batch of {args.batch} x {args.seq_len} tokens, median of {args.repeats} runs "
-        f"after 2 warm-ups; ratio {args.ratio:g}. Whole-model parameters include the 28M embedding "
+        f"Forward pass of a batch of {args.batch} x {args.seq_len} tokens, median of {args.repeats} interleaved "
+        f"runs after 2 warm-up rounds; ratio {args.ratio:g}. Whole-model parameters include the 28M embedding "
         "(tied with the LM head), which no method touches.",
         "",
         "| model | achieved ratio | params (M) | latency (ms) | speed-up vs dense |",
