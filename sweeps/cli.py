@@ -13,7 +13,8 @@
     lrsweep classify OUT "text"          run an exported classifier
 
 A mistake in the input prints "lrsweep: error: <what and what is allowed>" and exits with
-status 2, before anything is started or written.
+status 2, before anything is started or written. `run` exits with status 3 when trials are left
+unfinished (Ctrl-C, or limits.sweep_seconds ran out): `--resume` runs them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from importlib import resources
 from sweeps import __version__
 
 EXIT_USER_ERROR = 2
+UNFINISHED = 3  # `run` ended with trials left to run (interrupted, or out of time): --resume runs them
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -165,6 +167,13 @@ def _run(args: argparse.Namespace, file: str | None = None) -> int:
     print(f"\ntable:  {out['directory']}/trials.parquet")
     print(f"report: {out['report']}")
     print(f"time:   {out['timing']['text']}")
+    faults = out["faults"]
+    if faults["retried"] or faults["restarts"]:
+        print(f"faults: {faults['text']}")
+    if faults["unfinished"]:
+        print(f"lrsweep: {faults['unfinished']} trial(s) did not finish (interrupted, or limits.sweep_seconds ran "
+              f"out); `lrsweep run {args.file} --resume` runs them", file=sys.stderr)
+        return UNFINISHED
     return 0
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,8 @@ from sweeps import __version__
 from sweeps.report import write_report
 from sweeps.results import (SWEEP_FILE, ResultsTable, checkpoint_path, is_uri, read_file, read_trials, row_from_result,
                             write_file)
-from sweeps.spec import ALPHA_METHODS, NAME_PATTERN, SweepSpec, check_resources, expand, local_resources, optuna_choices
+from sweeps.spec import (ALPHA_METHODS, NAME_PATTERN, SweepSpec, check_resources, expand, local_resources,
+                         optuna_choices, trial_count)
 from trainables.evaluation import evaluate
 from trainables.finetune import FinetuneConfig, task_finetune_classifier
 from trainables.sources import LoadedModel, draw_windows, load_labelled, load_model
@@ -321,6 +323,12 @@ def _trial_name(trial) -> str:
     return f"{c.get('method', '?')}-{c.get('allocation', '?')}-{c.get('ratio', '?')}"
 
 
+def _config_id(trial) -> str:
+    """Our id of a Tune trial's config (the `trial_id` column), as `trainables.trial` computes it."""
+    config = trial.config.get("trial", trial.config)
+    return config.get("trial_id") or config_id(config)
+
+
 def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
@@ -368,12 +376,19 @@ class ResultsCallback(Callback):
         self.table, self.total, self.log = table, total, log
         self.done = 0
         self.recorded: set[str] = set()  # Tune trial ids with a row
+        self.running: dict[str, object] = {}  # Tune trial id -> Trial, started and without a row yet
+        self.retried = 0  # crashed attempts Tune retried (FailureConfig)
+        self.trials: list = []  # all of the run's trials, when it has ended
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.running[trial.trial_id] = trial
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.recorded.add(trial.trial_id)
+        self.running.pop(trial.trial_id, None)
         result = trial.last_result or {}
         if not result.get("config_id"):
-            self._failed(trial, "the trial ended without reporting a result")
+            self.record_failed(trial, "the trial ended without reporting a result")
             return
         status = result.get("status")
         self._add(row_from_result(result, status="stopped" if status == "running" else status)
@@ -395,34 +410,39 @@ class ResultsCallback(Callback):
         self.log(f"[{self.done}/{self.total}] {row['trial_id']} {what}: {outcome}")
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self.retried += 1
         error = trial.get_error()
         message = str(error).strip().splitlines()[-1] if error else "the trial's worker failed"
         self.log(f"trial {_trial_name(trial)} crashed ({message}); Tune retries it")
 
     def on_experiment_end(self, trials, **info) -> None:
-        """The sweep's time budget (limits.sweep_seconds) stops trials without completing them:
-        those that reported keep a "stopped" row; those that never started get none (--resume runs both)."""
-        cut = [t for t in trials if t.trial_id not in self.recorded]
+        self.trials = list(trials)
+
+    def record_unfinished(self) -> int:
+        """After a Tune run that ended normally: the trials it left unfinished (Ctrl-C, or the
+        sweep's time budget, limits.sweep_seconds) get no final row; those that reported keep a
+        "stopped" row with their last result (`--resume` runs both again). Returns how many."""
+        cut = [t for t in self.trials if t.trial_id not in self.recorded]
         for trial in cut:
             result = trial.last_result or {}
             if result.get("config_id"):
                 self.recorded.add(trial.trial_id)
                 self._add(row_from_result(result, status="stopped"))
-        if cut:
-            self.log(f"the sweep stopped (limits.sweep_seconds, or interrupted) before {len(cut)} trial(s) "
-                     f"finished; `lrsweep run --resume` runs them")
+        return len(cut) + max(0, self.total - len(self.trials))  # an Optuna study creates trials lazily
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.recorded.add(trial.trial_id)
+        self.running.pop(trial.trial_id, None)
         error = trial.get_error()
         message = str(error).strip().splitlines()[-1] if error else "the trial's worker failed"
-        self._failed(trial, message)
+        self.record_failed(trial, message)
 
-    def _failed(self, trial, message: str) -> None:
+    def record_failed(self, trial, message: str) -> None:
+        """An error row for `trial` (its last result, or its config when it reported none)."""
         result = dict(trial.last_result or {})
         if not result.get("config_id"):
             config = trial.config.get("trial", trial.config)
-            result = {"config_id": config.get("trial_id") or config_id(config), "method": config.get("method"),
+            result = {"config_id": _config_id(trial), "method": config.get("method"),
                       "ratio": config.get("ratio"), "target_ratio": config.get("ratio"),
                       "allocation": config.get("allocation"), "options": json.dumps(config.get("options", {})),
                       "group_ratios": json.dumps(config.get("group_ratios") or {})}
@@ -456,7 +476,9 @@ def trial_stats(stats: CalibrationStats) -> CalibrationStats:
 def _put_shared(spec: SweepSpec, prepared: Prepared, log) -> Shared:
     """Put the statistics, data and dense weights in the object store once; run one decomposition
     task per (method, options) and wait for them all (trials must not wait holding their CPUs).
-    Everything reaches the workers through the object store, never through a path on the head."""
+    Everything reaches the workers through the object store, never through a path on the head;
+    all of it is owned by the driver and stored on its node, so a worker node can die mid-sweep
+    without taking shared state with it."""
     stats_ref = ray.put(prepared.stats)
     data = {k: prepared.data[k] for k in ("eval", "train") if k in prepared.data}
     data["num_labels"] = prepared.data.get("num_labels")
@@ -471,15 +493,20 @@ def _put_shared(spec: SweepSpec, prepared: Prepared, log) -> Shared:
     for method, options in spec.decompositions():
         refs[decomposition_key(method, options)] = task.remote(
             spec.model, spec.task.type, data["num_labels"], spec.seed, dense_ref, stats_ref, method, options, device)
-    seconds = {}
-    for key, (_, seconds_ref) in refs.items():
+    seconds, decompositions = {}, {}
+    for key, (decomposition_ref, seconds_ref) in refs.items():
         try:
             seconds[key] = ray.get(seconds_ref)
+            # Owned by the driver from here: the copy the task left lives on the node that ran it,
+            # and if that node dies mid-sweep Ray would have to run the task again for the trials
+            # that read it, while those trials hold every CPU it could run on (a deadlock we hit).
+            decompositions[key] = ray.put(ray.get(decomposition_ref))
             log(f"decomposition {key}: {seconds[key]:.1f} s")
         except Exception as e:  # noqa: BLE001 - its trials fail with this error and the sweep goes on
-            seconds[key] = math.nan
+            seconds[key], decompositions[key] = math.nan, decomposition_ref
             log(f"decomposition {key} failed: {str(e).strip().splitlines()[-1]}")
-    return Shared(stats=ray.put(trial_stats(prepared.stats)), decompositions={k: d for k, (d, _) in refs.items()},
+    refs.clear()  # the tasks' own copies can go
+    return Shared(stats=ray.put(trial_stats(prepared.stats)), decompositions=decompositions,
                   data=data_ref, dense_state=dense_ref, metric_dense=prepared.dense_row["metric"],
                   params_dense=prepared.dense_row["params_dense"], seconds_calibration=prepared.seconds_calibration,
                   seconds_decompose=seconds, calibration_key=prepared.calibration_key)
@@ -493,8 +520,32 @@ def _sampler(spec: SweepSpec):
             "nsga2": optuna.samplers.NSGAIISampler}[spec.optuna.sampler](seed=seed)
 
 
+def _restore_search(search, directory: str, log) -> None:
+    """Load the Optuna study of the sweep's last Tune run (Tune saves its searcher's state in the
+    experiment folder, `searcher-state-*.pkl`) into `search`, so a resumed study goes on learning
+    from the trials it has seen instead of starting over."""
+    import tempfile
+
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(directory) if is_uri(directory) else \
+        (pyarrow.fs.LocalFileSystem(), directory)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+    states = sorted(i.path for i in infos if re.fullmatch(r"searcher-state-.*\.pkl", i.base_name))
+    if not states:
+        log("resume: no saved Optuna study in the experiment folder; the study starts over "
+            "(its finished trials are kept in the table)")
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        with fs.open_input_stream(states[-1]) as src:
+            Path(folder, posixpath.basename(states[-1])).write_bytes(src.read())
+        search.restore_from_dir(folder)
+    log(f"resume: the Optuna study goes on from its saved state ({posixpath.basename(states[-1])})")
+
+
 def _tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: str, table: ResultsTable,
-           kept: list[dict], log, time_budget: float | None = None) -> tune.Tuner | None:
+           kept: list[dict], log, time_budget: float | None = None,
+           restore_search: bool = False) -> tuple[tune.Tuner, ResultsCallback] | None:
     from trainables.trial import trainable
 
     res = spec.resources
@@ -505,6 +556,7 @@ def _tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: str, 
         scheduler = ASHAScheduler(metric="metric", mode=spec.metric_mode, time_attr="training_iteration",
                                   max_t=2 + spec.finetune.steps // spec.finetune.eval_every,
                                   grace_period=es.grace_period, reduction_factor=es.reduction_factor)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no experiment banner from Tune
     # reuse_actors: trials run one after another in the same worker process, which keeps its dense
     # model loaded (trainables.trial caches it per process): one model load per worker, not per trial
     common = {"max_concurrent_trials": res.max_concurrent, "scheduler": scheduler, "reuse_actors": True,
@@ -531,22 +583,32 @@ def _tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: str, 
         metric, mode = ("metric", spec.metric_mode) if not spec.optuna.multi else \
             (["metric", "size_mb"], [spec.metric_mode, "min"])
         search = OptunaSearch(space, metric=metric, mode=mode, sampler=_sampler(spec))
+        if restore_search:
+            _restore_search(search, directory, log)
         param_space = spec.base_config()
         tune_config = tune.TuneConfig(search_alg=search, num_samples=remaining, **common)
         total = remaining
     storage_path, name = directory.rsplit("/", 1) if is_uri(directory) else (str(Path(directory).parent),
                                                                                Path(directory).name)
     limits = spec.limits
-    run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
-                                callbacks=[ResultsCallback(table, total, log)],
+    callback = ResultsCallback(table, total, log)
+    run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=0, callbacks=[callback],
                                 stop={"time_total_s": limits.trial_seconds} if limits.trial_seconds else None,
                                 failure_config=tune.FailureConfig(max_failures=limits.retries))
-    return tune.Tuner(fn, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(fn, param_space=param_space, tune_config=tune_config, run_config=run_config), callback
 
 
-def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False, log=print) -> dict:
+def echo(line: str) -> None:
+    """The default `log`: print. A function of this module, so that Tune can pickle the results
+    callback that holds it even after Ray has replaced `builtins.print` (its tqdm support does)."""
+    print(line, flush=True)
+
+
+def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False, log=echo) -> dict:
     """Run a validated sweep to the end. Returns the results directory, the table (a DataFrame),
-    whether the statistics came from the cache, and wall-time figures."""
+    whether the statistics came from the cache, wall-time figures, and the fault figures
+    (`faults`: attempts retried, Tune restarts, and the trials left unfinished by an interrupt or
+    by limits.sweep_seconds, which `resume=True` runs)."""
     directory = sweep_directory(spec.storage, spec.name)
     stored = check_storage(spec, directory, resume)
     started_ray = not ray.is_initialized()
@@ -576,26 +638,85 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
         ray.init(**init)
     try:
         shared = _put_shared(spec, prepared, log)
-        budget = None
+        deadline = None
         if spec.limits.sweep_seconds is not None:  # what preparation left of the sweep's budget
-            budget = spec.limits.sweep_seconds - (time.perf_counter() - wall)
-            if budget <= 0:
+            deadline = wall + spec.limits.sweep_seconds
+            if deadline <= time.perf_counter():
                 raise UserInputError(
                     f"limits.sweep_seconds: {spec.limits.sweep_seconds:g} s were spent before the first trial "
                     f"(loading, baseline, calibration, decompositions: {time.perf_counter() - wall:.0f} s); "
                     f"raise it and run again with --resume (the statistics are cached)")
-        tuner = _tuner(spec, prepared, shared, directory, table, kept, log, time_budget=budget)
-        if tuner is not None:
-            tuner.fit()
+        same_study = bool(stored) and stored.get("spec_hash") == spec.spec_hash and spec.optuna is not None
+        faults = _run_trials(spec, prepared, shared, directory, table, log, deadline, restore_search=same_study)
     finally:
         if started_ray:
             ray.shutdown()
     df = table.frame()
     wall = time.perf_counter() - wall
     timing = _timing(df, shared, prepared, {r["trial_id"] for r in kept}, wall)
-    report = write_report(directory, df, f"Sweep {spec.name}", _about(spec, prepared) | {"time": timing["text"]})
+    about = _about(spec, prepared) | {"time": timing["text"]}
+    if faults["retried"] or faults["restarts"]:
+        about["faults"] = faults["text"]
+    report = write_report(directory, df, f"Sweep {spec.name}", about)
     return {"directory": directory, "report": report, "table": df, "calibration_cached": prepared.calibration_cached,
-            "calibration_key": prepared.calibration_key, "wall_seconds": wall, "timing": timing}
+            "calibration_key": prepared.calibration_key, "wall_seconds": wall, "timing": timing, "faults": faults}
+
+
+def _run_trials(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: str, table: ResultsTable, log,
+                deadline: float | None, restore_search: bool) -> dict:
+    """Run every trial without a row in `table` with Tune, and recover from the one failure Tune
+    does not retry by itself. Returns the fault figures.
+
+    Tune retries a trial whose worker crashed, was killed or lost its node (FailureConfig). But
+    when Ray's memory monitor kills a trial's worker, the actor task fails with an OutOfMemoryError
+    that Tune's actor manager (Ray 2.60) does not expect: it raises "Caught unexpected exception"
+    and the whole Tune run stops. Then each trial that was running counts one failed attempt,
+    and a new Tuner runs what has no row yet (an Optuna study goes on from Tune's saved state);
+    a trial that has failed more than `limits.retries` times is recorded as failed."""
+    attempts_lost: dict[str, int] = {}  # our trial id -> attempts lost to a stopped Tune run
+    faults = {"retried": 0, "restarts": 0, "unfinished": 0}
+    most_restarts = (spec.limits.retries + 1) * max(1, trial_count(spec))
+    while True:
+        budget = None if deadline is None else deadline - time.perf_counter()
+        if budget is not None and budget <= 0:
+            log("limits.sweep_seconds: no time left to run the remaining trials; `lrsweep run --resume` runs them")
+            faults["unfinished"] = trial_count(spec) - sum(r["method"] != "dense" for r in table.rows.values())
+            break
+        final = [r for r in table.rows.values() if r["method"] != "dense"]
+        made = _tuner(spec, prepared, shared, directory, table, final, log, time_budget=budget,
+                      restore_search=restore_search)
+        if made is None:
+            break
+        tuner, callback = made
+        try:
+            tuner.fit()
+            faults["retried"] += callback.retried
+            faults["unfinished"] = callback.record_unfinished()
+            if faults["unfinished"]:
+                log(f"the sweep stopped (interrupted, or limits.sweep_seconds ran out) before {faults['unfinished']} "
+                    f"trial(s) finished; `lrsweep run --resume` runs them")
+            break
+        except RuntimeError as e:
+            faults["retried"] += callback.retried
+            if not isinstance(e.__cause__, ray.exceptions.RayError) or faults["restarts"] >= most_restarts:
+                raise
+            faults["restarts"] += 1
+            cause = str(e.__cause__).strip().splitlines()[0]
+            log(f"Tune stopped: {cause}; the {len(callback.running)} running trial(s) count one failed attempt "
+                f"each, and Tune starts again on the trials without a row")
+            for trial in callback.running.values():
+                cid = _config_id(trial)
+                attempts_lost[cid] = attempts_lost.get(cid, 0) + 1
+                if attempts_lost[cid] > spec.limits.retries:
+                    callback.record_failed(trial, f"{cause} ({attempts_lost[cid]} attempts)")
+            restore_search = spec.optuna is not None
+    retried = faults["retried"] + sum(attempts_lost.values())
+    faults["text"] = f"{retried} failed trial attempt(s) run again (limits.retries = {spec.limits.retries})"
+    if faults["restarts"]:
+        faults["text"] += (f"; Tune started again {faults['restarts']} time(s) after a failure it does not retry "
+                           f"(a worker killed by Ray's memory monitor)")
+    faults["retried"] = retried
+    return faults
 
 
 def _timing(df, shared: Shared, prepared: Prepared, kept: set[str], wall: float) -> dict:
