@@ -170,6 +170,27 @@ def test_optuna_study_reuses_the_cached_statistics(grid_run, corpus, env, monkey
     assert trials["trial_id"].nunique() == 3
 
 
+def test_a_resumed_optuna_study_goes_on_from_its_saved_state(grid_run, corpus, env):
+    """The last trial of a finished study is dropped from the table, as if the driver had died
+    while it ran: --resume keeps the others, restores the study from Tune's saved searcher
+    state, and runs one trial to reach the study's size."""
+    spec = sweep(corpus, env / "results", "optuna-resume",
+                 grid={"method": ["whiten-fd"], "ratio": [0.3], "allocation": ["optuna"]},
+                 optuna={"trials": 3, "granularity": "role", "bounds": [0.1, 0.7], "sampler": "tpe"})
+    first = runner.run_sweep(spec, log=lambda *a: None)["table"]
+    path = Path(env / "results" / "optuna-resume" / "trials.parquet")
+    dropped = first.iloc[-1]["trial_id"]
+    first[first["trial_id"] != dropped].to_parquet(path, index=False)
+    lines = []
+    out = runner.run_sweep(spec, resume=True, log=lines.append)
+    assert "resume: keeping 2 finished trial(s)" in " ".join(lines)
+    assert any(line.startswith("resume: the Optuna study goes on from its saved state") for line in lines)
+    trials = out["table"][out["table"]["method"] != "dense"]
+    assert len(trials) == 3 and trials["trial_id"].is_unique and set(trials["status"]) == {"ok"}
+    kept = first[(first["trial_id"] != dropped) & (first["method"] != "dense")]
+    assert set(kept["trial_id"]) < set(trials["trial_id"])
+
+
 def test_resume_keeps_finished_trials_and_reuses_the_statistics(grid_run, monkeypatch):
     spec, first, _ = grid_run
     monkeypatch.setattr(runner, "collect_stats", lambda *a, **k: pytest.fail("statistics recomputed"))

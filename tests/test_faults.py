@@ -1,0 +1,225 @@
+"""Fault tolerance of a real sweep, through Ray Tune's own mechanisms: a driver killed (SIGKILL,
+Ctrl-C) and resumed, trials that crash (a raise, a SIGKILLed worker, a worker killed by Ray's
+memory monitor) retried up to `limits.retries` and then recorded as failed, and a worker node of
+a simulated 3-node cluster removed while its trial runs.
+
+Faults are injected into Ray's worker processes by tests/faults/sitecustomize.py (see there),
+which also logs every trial attempt with its process and node: that log is how these tests see
+which trial ran how often, and where. Each test runs Ray with its own RAY_TMPDIR, and checks that
+no process of it is left when it ends.
+"""
+
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import ray
+import yaml
+
+from sweeps.spec import expand, parse_spec
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+FAULTS = Path(__file__).parent / "faults"
+LRSWEEP = Path(sys.executable).parent / "lrsweep"
+SPEC = {
+    "name": "faults",
+    "model": "tiny:llama",
+    "task": {"type": "causal-lm", "eval": "path:corpus.txt", "seq_len": 32, "eval_windows": 4, "train_windows": 16},
+    "calibration": {"samples": 8, "batch_size": 4},
+    "finetune": {"steps": 2, "batch_size": 2, "lr": 1e-3, "eval_every": 1},
+    "grid": {"method": ["svd", "whiten-fd"], "ratio": [0.2, 0.4]},
+    "resources": {"cpu": 1, "max_concurrent": 2},
+    "limits": {"retries": 1},
+    "storage": "results",
+}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One statistics cache for the module: the first sweep calibrates, the others reuse it."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def work(tmp_path, cache, monkeypatch):
+    """A folder with the corpus and the sweep file, and an environment that injects `faults`."""
+    rng = random.Random(0)
+    words = "the model layer rank low compress matrix weight sweep trial data token window small".split()
+    docs = [" ".join(rng.choice(words) for _ in range(120)) + "." for _ in range(40)]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(SPEC))
+    ray_tmp = tempfile.mkdtemp(prefix="lrs-")  # short: Ray's socket paths must fit in 107 characters
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LRSWEEP_CACHE", str(cache))
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAULTS), os.environ.get("PYTHONPATH", "")]))
+
+    def faults(**spec):
+        spec = {"attempts": str(tmp_path / "attempts.jsonl"), "markers": str(tmp_path), "sleep": 2} | spec
+        os.environ["LRSWEEP_TEST_FAULTS"] = json.dumps(spec)
+
+    monkeypatch.setenv("LRSWEEP_TEST_FAULTS", "")
+    trials = [c["trial_id"] for c in expand(parse_spec(SPEC))]  # the corpus exists from here
+    yield tmp_path, faults, trials
+    left = _ray_processes(ray_tmp)
+    for p in left:
+        p.kill()
+    assert not left, f"stray Ray processes: {[p.info['name'] for p in left]}"
+
+
+def _ray_processes(ray_tmp: str) -> list[psutil.Process]:
+    """The processes started with RAY_TMPDIR=ray_tmp (Ray's own set their title, not their command line)."""
+    found = []
+    for p in psutil.process_iter(["name"]):
+        try:
+            if p.pid != os.getpid() and p.environ().get("RAY_TMPDIR") == ray_tmp:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def _attempts(folder: Path) -> list[dict]:
+    path = folder / "attempts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _table(folder: Path, name: str = "faults") -> pd.DataFrame:
+    return pd.read_parquet(folder / "results" / name / "trials.parquet")
+
+
+def _lrsweep(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LRSWEEP), *args], capture_output=True, text=True, timeout=400, **kw)
+
+
+def _check_one_ok_row_per_trial(df: pd.DataFrame, trials: list[str]) -> None:
+    rows = df[df["method"] != "dense"]
+    assert rows["trial_id"].is_unique
+    assert sorted(rows["trial_id"]) == sorted(trials)
+    assert (rows["status"] == "ok").all(), rows[["trial_id", "status", "error"]]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_a_killed_driver_resumes_without_losing_or_repeating_trials(work, sig):
+    folder, faults, TRIALS = work
+    faults()
+    driver = subprocess.Popen([str(LRSWEEP), "run", "sweep.yaml"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    table = folder / "results" / "faults" / "trials.parquet"
+    deadline = time.monotonic() + 300
+    finished: list[str] = []
+    while len(finished) < 2 and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+        if table.exists():  # written atomically: never half a file
+            df = pd.read_parquet(table)
+            finished = list(df.loc[df["method"] != "dense", "trial_id"])
+    assert len(finished) >= 2 and driver.poll() is None, "the sweep did not get two trials done"
+    os.kill(driver.pid, sig)
+    out, err = driver.communicate(timeout=120)
+    if sig == signal.SIGINT:  # Tune stops the trials and saves its state; the CLI says what is left
+        assert driver.returncode == 3, err
+        assert "did not finish" in err and "--resume" in err
+    else:
+        assert driver.returncode == -signal.SIGKILL
+        # Ray's own processes die with the driver, except its node agents: kill what is left of
+        # the driver's session, as closing the terminal would
+        os.killpg(driver.pid, signal.SIGKILL)
+        psutil.wait_procs(_ray_processes(os.environ["RAY_TMPDIR"]), timeout=30)
+    before = set(_table(folder)["trial_id"]) - {"dense"}
+    assert set(finished) <= before
+
+    resumed = _lrsweep("run", "sweep.yaml", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resume: keeping {len(before)} finished trial(s)" in resumed.stdout
+    _check_one_ok_row_per_trial(_table(folder), TRIALS)
+    runs = collections.Counter(a["trial"] for a in _attempts(folder))
+    assert all(runs[t] == 1 for t in before), runs  # finished before the kill: never run again
+    assert set(runs) == set(TRIALS)
+
+
+def test_crashed_trials_are_retried_then_recorded_as_failed(work):
+    """One run, three faults (limits.retries = 1): trial 0 raises OSError on every attempt, trial 1
+    SIGKILLs its own worker once, trial 2 is killed by Ray's memory monitor once."""
+    folder, faults, TRIALS = work
+    memory = psutil.virtual_memory()
+    if memory.available < 14e9:
+        pytest.skip("needs 14 GB of free memory to make Ray's memory monitor kill a trial on purpose")
+    faults(**{"raise": {TRIALS[0]: "OSError"}, "kill_once": [TRIALS[1]], "hog_once": [TRIALS[2]], "hog_gb": 10})
+    # 4.5 GB above what is in use now: room for Ray and the sweep (about 3 GB), not for the hog
+    threshold = (memory.total - memory.available + 4.5e9) / memory.total
+    env = os.environ | {"RAY_memory_usage_threshold": f"{threshold:.3f}", "RAY_memory_monitor_refresh_ms": "100"}
+    run = _lrsweep("run", "sweep.yaml", env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    df = _table(folder).set_index("trial_id")
+    assert df.index.is_unique and set(df.index) == {"dense", *TRIALS}
+    assert df.loc[TRIALS[0], "status"] == "error" and "injected fault" in df.loc[TRIALS[0], "error"]
+    assert (df.loc[TRIALS[1:], "status"] == "ok").all()
+    runs = collections.Counter(a["trial"] for a in _attempts(folder))
+    assert runs[TRIALS[0]] == 2  # the first attempt and one retry
+    assert runs[TRIALS[1]] == 2
+    assert runs[TRIALS[2]] >= 2  # the memory monitor may take a trial running beside it too
+    assert "Tune stopped: " in run.stdout and "killed due to the node running low on memory" in run.stdout
+    assert "faults: " in run.stdout and "Tune started again 1 time(s)" in run.stdout
+    assert "failed trial attempt(s) run again" in (folder / "results" / "faults" / "report.md").read_text()
+
+
+def test_a_worker_node_lost_mid_sweep(work):
+    """A head and two worker nodes of one CPU each; the first worker node is removed while a trial
+    runs on it: Tune runs that trial again on a remaining node, and the sweep completes."""
+    from ray.cluster_utils import Cluster
+
+    from sweeps.runner import run_sweep
+    from sweeps.spec import load_spec
+
+    folder, faults, TRIALS = work
+    faults(sleep=3)
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        victim = cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        removed: dict = {}
+
+        def remove_when_busy():
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                busy = [a for a in _attempts(folder) if a["node"] == victim.node_id]
+                if busy:
+                    time.sleep(1)  # mid-trial: the injected sleep is 3 s
+                    cluster.remove_node(victim)
+                    removed["trial"] = busy[0]["trial"]
+                    return
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=remove_when_busy, daemon=True)
+        watcher.start()
+        spec = load_spec("sweep.yaml")
+        spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"max_concurrent": 3})})
+        lines: list[str] = []
+        out = run_sweep(spec, address=cluster.address, log=lines.append)
+        watcher.join(timeout=10)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    assert "trial" in removed, "no trial ran on the node to remove"
+    _check_one_ok_row_per_trial(out["table"], TRIALS)
+    attempts = _attempts(folder)
+    again = [a for a in attempts if a["trial"] == removed["trial"]]
+    assert len(again) == 2 and again[1]["node"] != victim.node_id  # run again, elsewhere
+    assert out["faults"]["retried"] >= 1 and out["faults"]["unfinished"] == 0
+    assert any("Tune retries it" in line for line in lines)
