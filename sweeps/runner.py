@@ -710,7 +710,7 @@ def _run_trials(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: 
                 if attempts_lost[cid] > spec.limits.retries:
                     callback.record_failed(trial, f"{cause} ({attempts_lost[cid]} attempts)")
             restore_search = spec.optuna is not None
-    retried = faults["retried"] + sum(attempts_lost.values())
+    retried = faults["retried"] + sum(min(n, spec.limits.retries) for n in attempts_lost.values())
     faults["text"] = f"{retried} failed trial attempt(s) run again (limits.retries = {spec.limits.retries})"
     if faults["restarts"]:
         faults["text"] += (f"; Tune started again {faults['restarts']} time(s) after a failure it does not retry "

@@ -188,3 +188,63 @@ def test_example_cluster_sweep_sets_limits():
 
     s = load_spec(Path(__file__).resolve().parents[1] / "sweeps" / "examples" / "llama-cluster.yaml")
     assert s.limits.sweep_seconds and s.limits.trial_seconds and s.limits.retries >= 1
+
+
+# -- a Tune run stopped by Ray's memory monitor -------------------------------------------------
+
+
+class _StoppedByMemoryMonitor:
+    """A Tuner whose run stops as Tune 2.60's does when Ray's memory monitor kills a trial's worker."""
+
+    def fit(self):
+        import ray.exceptions
+
+        try:
+            raise ray.exceptions.OutOfMemoryError("1 worker(s) were killed due to the node running low on memory.\n...")
+        except ray.exceptions.OutOfMemoryError as e:
+            raise RuntimeError(f"Caught unexpected exception: {e}") from e
+
+
+def test_a_trial_killed_by_the_memory_monitor_past_its_retries_is_recorded_failed(tmp_path, monkeypatch):
+    """Each stopped Tune run counts one failed attempt for the trials that were running; with
+    retries = 1 the second kill records the trial as failed, and no Tuner is started for it again."""
+    from types import SimpleNamespace
+
+    from sweeps.results import ResultsTable
+
+    s = spec(retries=1)
+    config = _config()
+    victim = SimpleNamespace(trial_id="tune-1", config={"trial": config}, last_result=None)
+    table = ResultsTable(str(tmp_path), [{"trial_id": "dense", "method": "dense", "status": "ok"}])
+    started = []
+
+    def fake_tuner(spec_, prepared, shared, directory, table_, final, log, time_budget=None, restore_search=False):
+        if any(r["trial_id"] == config["trial_id"] for r in final):
+            return None  # what _tuner does when every trial has a row
+        callback = runner.ResultsCallback(table_, 1, log)
+        callback.running = {victim.trial_id: victim}
+        started.append(1)
+        return _StoppedByMemoryMonitor(), callback
+
+    monkeypatch.setattr(runner, "_tuner", fake_tuner)
+    lines = []
+    faults = runner._run_trials(s, None, None, str(tmp_path), table, lines.append, None, restore_search=False)
+    assert len(started) == 2 and faults["restarts"] == 2 and faults["retried"] == 1
+    row = table.rows[config["trial_id"]]
+    assert row["status"] == "error"
+    assert row["error"] == "1 worker(s) were killed due to the node running low on memory. (2 attempts)"
+    assert "Tune started again 2 time(s)" in faults["text"]
+    assert sum("Tune stopped: 1 worker(s) were killed" in line for line in lines) == 2
+
+
+def test_other_errors_of_a_tune_run_are_not_swallowed(tmp_path, monkeypatch):
+    from sweeps.results import ResultsTable
+
+    class Broken:
+        def fit(self):
+            raise RuntimeError("a bug in a callback")
+
+    table = ResultsTable(str(tmp_path), [])
+    monkeypatch.setattr(runner, "_tuner", lambda *a, **k: (Broken(), runner.ResultsCallback(table, 1, print)))
+    with pytest.raises(RuntimeError, match="a bug in a callback"):
+        runner._run_trials(spec(), None, None, str(tmp_path), table, print, None, restore_search=False)
