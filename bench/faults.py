@@ -20,9 +20,7 @@ duplicated: trial ids with more than one row. Writes the `faults` section of BEN
 from __future__ import annotations
 
 import collections
-import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -34,47 +32,28 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import ray
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests" / "faults"))
 from benchfile import machine_line, write_section  # noqa: E402
+from fault_sweep import attempts, fault_env, write_sweep  # noqa: E402
 
 from sweeps.spec import expand, load_spec  # noqa: E402
 
 LRSWEEP = Path(sys.executable).parent / "lrsweep"
-SPEC = {
-    "name": "faults",
-    "model": "tiny:llama",
-    "task": {"type": "causal-lm", "eval": "path:corpus.txt", "seq_len": 32, "eval_windows": 4, "train_windows": 16},
-    "calibration": {"samples": 8, "batch_size": 4},
-    "finetune": {"steps": 2, "batch_size": 2, "lr": 1e-3, "eval_every": 1},
-    "grid": {"method": ["svd", "whiten", "whiten-fd", "id"], "ratio": [0.2, 0.3, 0.4]},
-    "resources": {"cpu": 1, "max_concurrent": 2},
-    "limits": {"retries": 2},
-    "storage": "results",
-}
+GRID = {"method": ["svd", "whiten", "whiten-fd", "id"], "ratio": [0.2, 0.3, 0.4]}
 
 
 def setup(folder: Path) -> list[str]:
     """The corpus and sweep file in `folder` (the working directory from here); the trial ids."""
-    rng = random.Random(0)
-    words = "the model layer rank low compress matrix weight sweep trial data token window small".split()
-    (folder / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(120)) + "."
-                                                  for _ in range(40)))
-    (folder / "sweep.yaml").write_text(yaml.safe_dump(SPEC))
+    write_sweep(folder, GRID, retries=2)
     os.chdir(folder)
     return [c["trial_id"] for c in expand(load_spec("sweep.yaml"))]
 
 
 def inject(folder: Path, **faults) -> None:
-    os.environ["LRSWEEP_TEST_FAULTS"] = json.dumps({"attempts": str(folder / "attempts.jsonl"),
-                                                    "markers": str(folder), "sleep": 2} | faults)
-
-
-def attempts(folder: Path) -> list[dict]:
-    path = folder / "attempts.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    os.environ["LRSWEEP_TEST_FAULTS"] = fault_env(folder, **faults)
 
 
 def rows_done(folder: Path) -> int:

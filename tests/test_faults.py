@@ -10,9 +10,7 @@ no process of it is left when it ends.
 """
 
 import collections
-import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -25,25 +23,17 @@ import pandas as pd
 import psutil
 import pytest
 import ray
-import yaml
 
-from sweeps.spec import expand, parse_spec
+from sweeps.spec import expand, load_spec
+
+sys.path.insert(0, str(Path(__file__).parent / "faults"))
+from fault_sweep import attempts, fault_env, write_sweep  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 FAULTS = Path(__file__).parent / "faults"
 LRSWEEP = Path(sys.executable).parent / "lrsweep"
-SPEC = {
-    "name": "faults",
-    "model": "tiny:llama",
-    "task": {"type": "causal-lm", "eval": "path:corpus.txt", "seq_len": 32, "eval_windows": 4, "train_windows": 16},
-    "calibration": {"samples": 8, "batch_size": 4},
-    "finetune": {"steps": 2, "batch_size": 2, "lr": 1e-3, "eval_every": 1},
-    "grid": {"method": ["svd", "whiten-fd"], "ratio": [0.2, 0.4]},
-    "resources": {"cpu": 1, "max_concurrent": 2},
-    "limits": {"retries": 1},
-    "storage": "results",
-}
+GRID = {"method": ["svd", "whiten-fd"], "ratio": [0.2, 0.4]}
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +45,7 @@ def cache(tmp_path_factory):
 @pytest.fixture
 def work(tmp_path, cache, monkeypatch):
     """A folder with the corpus and the sweep file, and an environment that injects `faults`."""
-    rng = random.Random(0)
-    words = "the model layer rank low compress matrix weight sweep trial data token window small".split()
-    docs = [" ".join(rng.choice(words) for _ in range(120)) + "." for _ in range(40)]
-    (tmp_path / "corpus.txt").write_text("\n\n".join(docs))
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(SPEC))
+    write_sweep(tmp_path, GRID, retries=1)
     ray_tmp = tempfile.mkdtemp(prefix="lrs-")  # short: Ray's socket paths must fit in 107 characters
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LRSWEEP_CACHE", str(cache))
@@ -67,11 +53,10 @@ def work(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAULTS), os.environ.get("PYTHONPATH", "")]))
 
     def faults(**spec):
-        spec = {"attempts": str(tmp_path / "attempts.jsonl"), "markers": str(tmp_path), "sleep": 2} | spec
-        os.environ["LRSWEEP_TEST_FAULTS"] = json.dumps(spec)
+        os.environ["LRSWEEP_TEST_FAULTS"] = fault_env(tmp_path, **spec)
 
     monkeypatch.setenv("LRSWEEP_TEST_FAULTS", "")
-    trials = [c["trial_id"] for c in expand(parse_spec(SPEC))]  # the corpus exists from here
+    trials = [c["trial_id"] for c in expand(load_spec("sweep.yaml"))]
     yield tmp_path, faults, trials
     left = _ray_processes(ray_tmp)
     for p in left:
@@ -89,11 +74,6 @@ def _ray_processes(ray_tmp: str) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     return found
-
-
-def _attempts(folder: Path) -> list[dict]:
-    path = folder / "attempts.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _table(folder: Path, name: str = "faults") -> pd.DataFrame:
@@ -144,7 +124,7 @@ def test_a_killed_driver_resumes_without_losing_or_repeating_trials(work, sig):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resume: keeping {len(before)} finished trial(s)" in resumed.stdout
     _check_one_ok_row_per_trial(_table(folder), TRIALS)
-    runs = collections.Counter(a["trial"] for a in _attempts(folder))
+    runs = collections.Counter(a["trial"] for a in attempts(folder))
     assert all(runs[t] == 1 for t in before), runs  # finished before the kill: never run again
     assert set(runs) == set(TRIALS)
 
@@ -167,7 +147,7 @@ def test_crashed_trials_are_retried_then_recorded_as_failed(work):
     assert df.index.is_unique and set(df.index) == {"dense", *TRIALS}
     assert df.loc[TRIALS[0], "status"] == "error" and "injected fault" in df.loc[TRIALS[0], "error"]
     assert (df.loc[TRIALS[1:], "status"] == "ok").all()
-    runs = collections.Counter(a["trial"] for a in _attempts(folder))
+    runs = collections.Counter(a["trial"] for a in attempts(folder))
     assert runs[TRIALS[0]] == 2  # the first attempt and one retry
     assert runs[TRIALS[1]] == 2
     assert runs[TRIALS[2]] >= 2  # the memory monitor may take a trial running beside it too
@@ -197,7 +177,7 @@ def test_a_worker_node_lost_mid_sweep(work):
         def remove_when_busy():
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
-                busy = [a for a in _attempts(folder) if a["node"] == victim.node_id]
+                busy = [a for a in attempts(folder) if a["node"] == victim.node_id]
                 if busy:
                     time.sleep(1)  # mid-trial: the injected sleep is 3 s
                     cluster.remove_node(victim)
@@ -218,8 +198,7 @@ def test_a_worker_node_lost_mid_sweep(work):
 
     assert "trial" in removed, "no trial ran on the node to remove"
     _check_one_ok_row_per_trial(out["table"], TRIALS)
-    attempts = _attempts(folder)
-    again = [a for a in attempts if a["trial"] == removed["trial"]]
+    again = [a for a in attempts(folder) if a["trial"] == removed["trial"]]
     assert len(again) == 2 and again[1]["node"] != victim.node_id  # run again, elsewhere
     assert out["faults"]["retried"] >= 1 and out["faults"]["unfinished"] == 0
     assert any("Tune retries it" in line for line in lines)
