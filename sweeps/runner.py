@@ -45,7 +45,7 @@ from trainables.evaluation import evaluate
 from trainables.finetune import FinetuneConfig, task_finetune_classifier
 from trainables.sources import LoadedModel, draw_windows, load_labelled, load_model
 from trainables.sources.packaged import cache_dir
-from trainables.trial import Shared, config_id, decomposition_key, model_size
+from trainables.trial import Shared, decomposition_key, model_size, trial_key
 
 _CACHE_FORMAT = 1  # bump when what goes into the calibration cache key changes
 
@@ -325,8 +325,7 @@ def _trial_name(trial) -> str:
 
 def _config_id(trial) -> str:
     """Our id of a Tune trial's config (the `trial_id` column), as `trainables.trial` computes it."""
-    config = trial.config.get("trial", trial.config)
-    return config.get("trial_id") or config_id(config)
+    return trial_key(trial.config.get("trial", trial.config))
 
 
 def _trial_dirname(trial) -> str:
@@ -528,8 +527,7 @@ def _restore_search(search, directory: str, log) -> None:
 
     import pyarrow.fs
 
-    fs, base = pyarrow.fs.FileSystem.from_uri(directory) if is_uri(directory) else \
-        (pyarrow.fs.LocalFileSystem(), directory)
+    fs, base = pyarrow.fs.FileSystem.from_uri(directory)  # a URI, or the absolute local path
     infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
     states = sorted(i.path for i in infos if re.fullmatch(r"searcher-state-.*\.pkl", i.base_name))
     if not states:

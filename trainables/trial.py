@@ -63,6 +63,11 @@ def config_id(config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def trial_key(config: dict) -> str:
+    """The `trial_id` column of a trial: the sweep's id for it (grid) or its config's hash (Optuna)."""
+    return config.get("trial_id") or config_id(config)
+
+
 def decomposition_key(method: str, options: dict) -> str:
     """Key of the shared decompositions of `method` with `options` (alpha changes them)."""
     return f"{method}{json.dumps(options, sort_keys=True, separators=(',', ':'))}"
@@ -133,7 +138,7 @@ class _Row:
     def __init__(self, config: dict, shared: Shared) -> None:
         self.values: dict[str, Any] = {
             # Tune overwrites "trial_id" in every result with its own id: ours travels as "config_id"
-            "config_id": config.get("trial_id") or config_id(config),
+            "config_id": trial_key(config),
             "status": "running",
             "error": "",
             "stage": "setup",
