@@ -3,10 +3,14 @@
     from compression import collect_stats, decompose_model, plan_ranks, compress, save_compressed
 
     stats = collect_stats(model, batches)                    # once per model and calibration data
-    decs = decompose_model(model, stats, "whiten-fd")        # once per method
+    decs = decompose_model(model, stats, "whiten-fd")        # once per method (or a config: WhitenFd(alpha=0.5))
     plan = plan_ranks(model, stats, "whiten-fd", 0.4, "uniform", decs)   # per ratio / allocation
     compress(model, stats, "whiten-fd", plan, decs)          # in place; inplace=False copies
     save_compressed(model, "out/", tokenizer, plan)          # load_compressed("out/") -> model, tokenizer, info
+
+Layout: `targets` (all architecture knowledge: blocks, roles, weight layouts), `methods` (one
+module per method, registered configs), `allocation` (rank plans for a budget), `calibration`
+(statistics), `layers` (the compressed layer types and the swaps), `apply` (the verbs above), `io`.
 
 The names below are imported on first use (PEP 562), so `import compression.errors` (the CLI's
 error type) does not pay for importing torch and transformers.
@@ -17,13 +21,13 @@ from importlib import import_module
 _EXPORTS = {
     "ALLOCATIONS": "allocation", "RankPlan": "allocation", "Unit": "allocation", "allocate": "allocation",
     "compress": "apply", "decompose_model": "apply", "make_units": "apply", "plan_ranks": "apply",
-    "prune_mlp": "apply", "replace_low_rank": "apply",
     "CalibrationStats": "calibration", "collect_stats": "calibration",
     "UserInputError": "errors",
     "load_compressed": "io", "save_compressed": "io",
-    "LowRankLinear": "lowrank",
-    "METHODS": "methods", "Decomposition": "methods", "LayerStats": "methods",
-    "NeuronDecomposition": "methods", "decompose": "methods",
+    "LowRankLinear": "layers", "prune_mlp": "layers", "replace_low_rank": "layers",
+    "METHODS": "methods", "Factorization": "methods", "LayerStats": "methods", "LowRankDecomposition": "methods",
+    "MatrixMethod": "methods", "MethodConfig": "methods", "MlpMethod": "methods", "NeuronDecomposition": "methods",
+    "decompose": "methods", "method_config": "methods", "register": "methods",
     "MlpGroup": "targets", "Target": "targets", "find_blocks": "targets", "find_mlps": "targets",
     "find_targets": "targets", "weight_matrix": "targets",
 }

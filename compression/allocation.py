@@ -77,6 +77,9 @@ class RankPlan:
     params: dict[str, int]
     predicted_loss: float | None = None  # sum of the units' loss_curve at their ranks
     extra: dict = field(default_factory=dict)  # JSON-safe details (e.g. per-group ratios)
+    # name -> {"block": int, "role": str} of every unit, in the model's order (role "mlp": a whole
+    # MLP, whose rank is its number of kept neurons)
+    units: dict[str, dict] = field(default_factory=dict)
 
     @property
     def targeted_params(self) -> int:
@@ -103,6 +106,7 @@ class RankPlan:
             "dense_params": {k: int(v) for k, v in self.dense_params.items()},
             "params": {k: int(v) for k, v in self.params.items()},
             "extra": self.extra,
+            "units": [{"name": k, "block": int(v["block"]), "role": str(v["role"])} for k, v in self.units.items()],
         }
 
     @classmethod
@@ -118,6 +122,7 @@ class RankPlan:
                 params={k: int(v) for k, v in d["params"].items()},
                 predicted_loss=None if d.get("predicted_loss") is None else float(d["predicted_loss"]),
                 extra=dict(d.get("extra") or {}),
+                units={u["name"]: {"block": int(u["block"]), "role": str(u["role"])} for u in d.get("units") or []},
             )
         except (KeyError, AttributeError, TypeError, ValueError) as err:
             raise UserInputError(f"rank plan is malformed ({err!r}); expected RankPlan.to_dict() output") from err
@@ -230,6 +235,7 @@ def allocate(
         params={u.name: u.params(ranks[u.name]) for u in units},
         predicted_loss=sum(state.loss(i) for i in range(len(units))) if has_loss else None,
         extra=extra,
+        units={u.name: {"block": u.block, "role": u.role} for u in units},
     )
 
 

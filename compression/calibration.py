@@ -39,8 +39,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UserInputError
-from .methods import LayerStats
-from .targets import Target, find_blocks, find_targets, get_module, weight_matrix
+from .methods.base import LayerStats
+from .targets import Target, as_out_in, find_blocks, find_targets, get_module, weight_matrix
 
 TASKS = ("causal-lm", "classification")
 FORMAT = "lowrank-sweep/calibration"
@@ -237,12 +237,10 @@ class _Collector:
         return hook
 
     def _grad_hook(self, t: Target):
-        out_dim, in_dim = (1, 0) if t.transposed else (0, 1)
-
         def hook(param: nn.Parameter) -> None:
-            sq = param.grad.detach().to(torch.float64).square()
-            self.row[t.name].add_(sq.sum(in_dim))
-            self.col[t.name].add_(sq.sum(out_dim))
+            sq = as_out_in(param.grad.detach(), t.transposed).to(torch.float64).square()
+            self.row[t.name].add_(sq.sum(1))
+            self.col[t.name].add_(sq.sum(0))
             param.grad = None
 
         return hook

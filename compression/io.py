@@ -39,10 +39,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 from .errors import UserInputError
-from .lowrank import LowRankLinear, dense_layer, dense_shape, layer_kind
+from .layers import LowRankLinear
+from .targets import LINEAR_TYPES, dense_layer, dense_shape, layer_kind
 
 FORMAT = "lowrank-sweep"
 VERSION = 1
@@ -59,7 +59,7 @@ def _structure(model: PreTrainedModel, reference: nn.Module) -> tuple[dict, dict
         if isinstance(module, LowRankLinear):
             low_rank[name] = {"in_features": module.in_features, "out_features": module.out_features,
                               "rank": module.rank, "bias": module.has_bias}
-        elif isinstance(module, nn.Linear | Conv1D) and name.rpartition(".")[0] not in low_rank:
+        elif isinstance(module, LINEAR_TYPES) and name.rpartition(".")[0] not in low_rank:
             ref = ref_modules.get(name)
             if type(ref) is not type(module) or dense_shape(ref) != dense_shape(module):
                 n_in, n_out, bias = dense_shape(module)

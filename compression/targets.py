@@ -1,6 +1,10 @@
 """Which linear layers of a transformer get compressed, and what each one is.
 
-All architecture knowledge of the project lives in this module.
+All architecture knowledge of the project lives in this module: which layers are blocks and
+targets, their roles and input groups, and the two weight layouts (`nn.Linear` stores W [out, in],
+transformers' `Conv1D` of GPT-2 stores it [in, out]); every other module reads and writes weights
+through the helpers at the end (`dense_shape`, `dense_weight`, `set_dense_weight`, `dense_layer`,
+`as_out_in`).
 
 How layers are found (type and structure first, names only where nothing else can tell):
 
@@ -19,8 +23,8 @@ How layers are found (type and structure first, names only where nothing else ca
    with fc2.in == fc1.out and fc2.out == fc1.in are an ungated MLP, roles "fc1" / "fc2"; three linears
    where two read the hidden state and produce the intermediate width and the third maps it back are a
    gated MLP, roles "gate" / "up" / "down" (the gate is the one whose name contains "gate", else the
-   first registered). A linear that fits none of these gets role "other" (still compressible by the
-   SVD family, never pruned by `id`).
+   first registered). A linear that fits none of these is an error naming it: a layout the rules do
+   not know is refused, never guessed.
 
 Role conventions per architecture:
 
@@ -50,7 +54,8 @@ from transformers.pytorch_utils import Conv1D
 from .errors import UserInputError
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
-ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2", "other")
+ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
+MLP_ROLE = "mlp"  # the role of a whole MLP (the unit of neuron pruning)
 
 _ATTENTION_NAMES = {
     "q": {"q", "q_proj", "query", "q_lin", "wq", "query_proj"},
@@ -81,7 +86,10 @@ class Target:
 
 @dataclass(frozen=True)
 class MlpGroup:
-    """One MLP: neuron pruning removes rows of every `inputs` layer and columns of `down`."""
+    """One MLP: neuron pruning removes rows of every `inputs` layer and columns of `down`.
+
+    `neuron_cost`: parameters one intermediate neuron costs, a row (and its bias entry) of every
+    input layer plus a column of the down weight (the down bias is kept and not counted)."""
 
     block: int
     name: str
@@ -89,6 +97,11 @@ class MlpGroup:
     down: str
     width: int
     activation_gated: bool
+    neuron_cost: int
+
+    @property
+    def role(self) -> str:
+        return MLP_ROLE
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -104,13 +117,6 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     get_module(model, name)
     parent, _, leaf = name.rpartition(".")
     setattr(get_module(model, parent) if parent else model, leaf, module)
-
-
-def _shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or Conv1D."""
-    if isinstance(module, Conv1D):
-        return module.weight.shape[0], module.weight.shape[1]
-    return module.in_features, module.out_features
 
 
 def _n_linears(module: nn.Module) -> int:
@@ -151,18 +157,20 @@ def _leaf(path: str) -> str:
     return path.rsplit(".", 1)[-1].lower()
 
 
-def _attention_roles(rels: list[str]) -> dict[str, str]:
-    roles = {}
+def _attention_roles(rels: list[str]) -> dict[str, str | None]:
+    """q/k/v/qkv by name; the single linear left over is "o"; several left over have no role (None)."""
+    roles: dict[str, str | None] = {}
     for rel in rels:
-        roles[rel] = next((r for r, names in _ATTENTION_NAMES.items() if _leaf(rel) in names), "other")
-    rest = [rel for rel in rels if roles[rel] == "other"]
+        roles[rel] = next((r for r, names in _ATTENTION_NAMES.items() if _leaf(rel) in names), None)
+    rest = [rel for rel in rels if roles[rel] is None]
     if len(rest) == 1:
         roles[rest[0]] = "o"
     return roles
 
 
-def _mlp_roles(rels: list[str], shapes: dict[str, tuple[int, int]]) -> dict[str, str]:
-    roles = {rel: "other" for rel in rels}
+def _mlp_roles(rels: list[str], shapes: dict[str, tuple[int, int]]) -> dict[str, str | None]:
+    """fc1/fc2 or gate/up/down by shape; None for linears that fit neither pattern."""
+    roles: dict[str, str | None] = {rel: None for rel in rels}
     if len(rels) == 2:
         a, b = rels
         for first, second in ((a, b), (b, a)):
@@ -197,10 +205,21 @@ def find_targets(model: nn.Module, roles: Iterable[str] | None = None) -> list[T
     found: list[tuple[str, str, int, tuple[int, int], bool]] = []
     for b, block in enumerate(blocks):
         linears = [(rel, m) for rel, m in block.named_modules() if isinstance(m, LINEAR_TYPES)]
-        shapes = {rel: _shape(m) for rel, m in linears}
+        shapes = {rel: dense_shape(m)[:2] for rel, m in linears}
         attn = [rel for rel, _ in linears if _is_attention(block, rel)]
         mlp = [rel for rel, _ in linears if rel not in attn]
         block_roles = _attention_roles(attn) | _mlp_roles(mlp, shapes)
+        unknown = [rel for rel, _ in linears if block_roles[rel] is None]
+        if unknown:
+            (n_in, n_out) = shapes[unknown[0]]
+            part = "attention" if unknown[0] in attn else "MLP"
+            raise UserInputError(
+                f"model {type(model).__name__}: layer '{prefix}{b}.{unknown[0]}' ({part} part of block {b}, "
+                f"[{n_out} x {n_in}]) has no role this project recognises"
+                + (f" (nor {', '.join(repr(prefix + str(b) + '.' + r) for r in unknown[1:])})" if unknown[1:] else "")
+                + "; attention roles come from layer names (q, k, v, qkv; the one left over is o), MLP roles "
+                  "from shapes (fc1/fc2, or gate/up/down); supported: bert, distilbert, gpt2, opt, llama, gemma3, "
+                  "mpnet. Teach compression/targets.py the new layout rather than guessing it")
         for rel, m in linears:
             found.append((f"{prefix}{b}.{rel}", block_roles[rel], b, shapes[rel], isinstance(m, Conv1D)))
 
@@ -221,8 +240,7 @@ def find_targets(model: nn.Module, roles: Iterable[str] | None = None) -> list[T
 
 def weight_matrix(model: nn.Module, target: Target) -> torch.Tensor:
     """The weight as [out_features, in_features] (a transposed view for Conv1D)."""
-    w = get_module(model, target.name).weight
-    return w.t() if target.transposed else w
+    return as_out_in(get_module(model, target.name).weight, target.transposed)
 
 
 def find_mlps(model: nn.Module) -> list[MlpGroup]:
@@ -241,10 +259,69 @@ def find_mlps(model: nn.Module) -> list[MlpGroup]:
             if len(set(level)) > 1:
                 break
             common.append(level[0])
-        mlps.append(MlpGroup(b, ".".join(common), inputs, down.name, down.in_features, len(inputs) == 2))
+        cost = down.out_features + sum(
+            t.in_features + int(get_module(model, t.name).bias is not None) for t in targets if t.name in inputs)
+        mlps.append(MlpGroup(b, ".".join(common), inputs, down.name, down.in_features, len(inputs) == 2, cost))
     if not mlps:
         raise UserInputError(
             f"model {type(model).__name__} has no MLP (fc1/fc2 or gate/up/down layers) in its blocks; "
             "method 'id' prunes MLP neurons and needs one"
         )
     return mlps
+
+
+# -- the two weight layouts: nn.Linear (W [out, in]) and GPT-2's Conv1D (W [in, out]) --------------
+
+
+def as_out_in(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A weight-shaped tensor (the weight, its gradient) as [out, in]: a view, transposed for Conv1D."""
+    return tensor.t() if transposed else tensor
+
+
+def dense_shape(layer: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, has_bias) of an `nn.Linear` or `Conv1D`."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features, layer.bias is not None
+    if isinstance(layer, Conv1D):
+        return layer.nx, layer.nf, layer.bias is not None
+    raise TypeError(f"expected nn.Linear or Conv1D, got {type(layer).__name__}")
+
+
+def layer_kind(layer: nn.Module) -> str:
+    """"linear" or "conv1d" (the kinds `dense_layer` builds)."""
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    if isinstance(layer, Conv1D):
+        return "conv1d"
+    raise TypeError(f"expected nn.Linear or Conv1D, got {type(layer).__name__}")
+
+
+def dense_layer(
+    kind: str,
+    in_features: int,
+    out_features: int,
+    bias: bool,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> nn.Module:
+    """A freshly initialised `nn.Linear` (kind "linear") or `Conv1D` (kind "conv1d") of this shape."""
+    if kind == "linear":
+        return nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device=device)
+    if kind == "conv1d":
+        if not bias:
+            raise ValueError("Conv1D layers always have a bias")
+        return Conv1D(out_features, in_features).to(dtype=dtype, device=device)
+    raise ValueError(f"layer kind must be 'linear' or 'conv1d', got {kind!r}")
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight of an `nn.Linear` or `Conv1D` as [out, in] (a view)."""
+    return as_out_in(layer.weight, layer_kind(layer) == "conv1d")
+
+
+def set_dense_weight(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Copy a weight given as [out, in] (and a bias) into an `nn.Linear` or `Conv1D` of that shape."""
+    with torch.no_grad():
+        as_out_in(layer.weight, layer_kind(layer) == "conv1d").copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)

@@ -11,11 +11,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from compression.allocation import RankPlan
-from compression.apply import compress, decompose_model, make_units, plan_ranks, prune_mlp, replace_low_rank
+from compression.apply import compress, decompose_model, make_units, plan_ranks
+from compression.layers import LowRankLinear, prune_mlp, replace_low_rank
 from compression.calibration import collect_stats
 from compression.errors import UserInputError
 from compression.io import load_compressed, save_compressed
-from compression.lowrank import LowRankLinear, dense_weight
+from compression.targets import dense_weight
 from compression.methods import METHODS
 from compression.targets import find_mlps, find_targets
 
@@ -226,13 +227,13 @@ def test_end_to_end_other_architectures(tmp_path, arch, task):
 
 def test_units_count_parameters_by_hand(llama):
     model, _, stats = llama
-    svd_units = make_units(model, stats, "svd", decompose_model(model, stats, "svd"))
+    svd_units = make_units(decompose_model(model, stats, "svd"))
     q = next(u for u in svd_units if u.name == "model.layers.0.self_attn.q_proj")
     k = next(u for u in svd_units if u.name == "model.layers.0.self_attn.k_proj")  # 2 KV heads of 16
     assert (q.dense_params, q.cost_per_rank, q.max_rank, q.dense_when_unprofitable) == (64 * 64, 128, 64, True)
     assert (k.dense_params, k.cost_per_rank, k.max_rank) == (32 * 64, 96, 32)
     assert len(svd_units) == 14 and q.loss_curve.shape == (65,)
-    id_units = make_units(model, stats, "id", decompose_model(model, stats, "id"))
+    id_units = make_units(decompose_model(model, stats, "id"))
     assert [u.name for u in id_units] == ["model.layers.0.mlp", "model.layers.1.mlp"]
     u = id_units[0]  # a neuron owns a row of gate and of up (no bias) and a column of down
     assert (u.cost_per_rank, u.dense_params, u.max_rank) == (3 * 64, 3 * 64 * 128, 128)
@@ -242,7 +243,7 @@ def test_units_count_parameters_by_hand(llama):
 def test_id_units_count_biases():
     model = tiny_model("gpt2")
     stats = collect_stats(model, tiny_batches(model, n_batches=1), progress=False)
-    u = make_units(model, stats, "id", decompose_model(model, stats, "id"))[0]
+    u = make_units(decompose_model(model, stats, "id"))[0]
     assert u.cost_per_rank == (64 + 1) + 64 and u.dense_params == 128 * 129
 
 
@@ -362,7 +363,7 @@ def test_id_needs_mlp_statistics_and_an_mlp(llama):
     with pytest.raises(UserInputError, match="no MLP"):
         decompose_model(no_mlp, stats, "id")
     with pytest.raises(UserInputError, match="no MLP"):
-        make_units(no_mlp, stats, "id", {})
+        plan_ranks(no_mlp, stats, "id", 0.4, "uniform", {})
     plan = RankPlan(method="id", allocation="uniform", target_ratio=0.4, ranks={}, dense_params={}, params={})
     with pytest.raises(UserInputError, match="no MLP"):
         compress(no_mlp, stats, "id", plan)

@@ -16,7 +16,7 @@ from tiny_models import ARCHS, tiny_batches, tiny_model
 from compression.allocation import ALLOCATIONS
 from compression.apply import decompose_model, plan_ranks
 from compression.calibration import collect_stats
-from compression.methods import METHODS
+from compression.methods import METHODS, NeuronDecomposition
 from compression.targets import find_mlps, weight_matrix
 
 F64 = torch.float64
@@ -88,7 +88,7 @@ def test_id_with_every_neuron_reproduces_every_mlp(calibrated):
     model, stats, decs = calibrated
     for mlp in find_mlps(model):
         dec = decs["id"][mlp.name]
-        kept, down = dec.truncate(dec.max_rank, F64)
+        kept, down = dec.select(dec.max_rank, F64)
         assert torch.equal(kept, torch.arange(mlp.width))
         target = next(t for t in stats.targets if t.name == mlp.down)
         torch.testing.assert_close(down, weight_matrix(model, target).detach().to(F64), rtol=0, atol=1e-10)
@@ -147,4 +147,5 @@ def test_rank_deficient_gram_gives_finite_factors():
         plan = plan_ranks(model, stats, method, 0.4, "uniform", decs)
         for name, k in plan.ranks.items():
             if k is not None:
-                assert all(torch.isfinite(x).all() for x in decs[name].truncate(k, F64)), (method, name)
+                pieces = decs[name].select(k, F64) if isinstance(decs[name], NeuronDecomposition) else decs[name].truncate(k, F64)
+                assert all(torch.isfinite(x).all() for x in pieces), (method, name)

@@ -15,8 +15,8 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from compression.errors import UserInputError
 from compression.io import INFO_FILE, WEIGHTS_FILE, load_compressed, save_compressed
 from compression.targets import find_mlps, find_targets
-from compression.lowrank import (LowRankLinear, dense_layer, dense_shape, dense_weight, layer_kind,
-                                 set_dense_weight)
+from compression.layers import LowRankLinear
+from compression.targets import dense_layer, dense_shape, dense_weight, layer_kind, set_dense_weight
 
 ARCHS = ("llama", "gpt2", "bert", "opt", "distilbert", "gemma3", "mpnet")
 

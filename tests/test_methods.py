@@ -8,7 +8,7 @@ import torch
 from compression.errors import UserInputError
 from compression.methods import (
     METHODS,
-    Decomposition,
+    LowRankDecomposition,
     LayerStats,
     NeuronDecomposition,
     decompose,
@@ -48,7 +48,7 @@ CASES = {
 }
 
 
-def dec(method: str, w, stats, **kw) -> Decomposition:
+def dec(method: str, w, stats, **kw) -> LowRankDecomposition:
     return decompose(method, w, stats, store_dtype=F64, **kw)
 
 
@@ -243,7 +243,7 @@ def test_id_full_width_reproduces_mlp_exactly():
     for tokens, dead in ((300, 0), (20, 5)):
         wd, hid = make_mlp(10, 32, tokens, dead)
         nd = select_neurons(hid @ hid.T, wd, store_dtype=F64)
-        kept, down = nd.truncate(32, F64)
+        kept, down = nd.select(32, F64)
         assert torch.equal(kept, torch.arange(32))
         assert torch.equal(down, wd)
         assert float(nd.loss_curve()[32]) == 0.0
@@ -268,7 +268,7 @@ def test_id_interpolation_is_least_squares_and_loss_curve_exact():
     nd = select_neurons(g, wd, store_dtype=F64)
     errors = []
     for k in range(1, 31):
-        kept, down = nd.truncate(k, F64)
+        kept, down = nd.select(k, F64)
         assert torch.equal(kept, kept.sort().values) and down.shape == (10, k)
         err = float((wd @ hid - down @ hid[kept]).square().sum())
         errors.append(err)
@@ -292,7 +292,7 @@ def test_id_rank_deficient_finite_and_dead_neurons_last():
     curve = nd.loss_curve()
     assert torch.isfinite(curve).all() and curve[0] > 0
     for k in (1, 8, 16, 30, 42):
-        kept, down = nd.truncate(k, F64)
+        kept, down = nd.select(k, F64)
         assert torch.isfinite(down).all()
         err = float((wd @ hid - down @ hid[kept]).square().sum())
         assert err == pytest.approx(float(curve[k]), rel=1e-6, abs=1e-9 * float(curve[0]))
@@ -311,7 +311,7 @@ def test_results_stay_on_the_weight_device():
         a_cpu, b_cpu = decompose(method, w.float(), stats).truncate(5)
         torch.testing.assert_close((a @ b).cpu(), a_cpu @ b_cpu, rtol=1e-4, atol=1e-4)
     wd, hid = make_mlp(10, 32, 300)
-    kept, down = select_neurons((hid @ hid.T).cuda(), wd.cuda()).truncate(16)
+    kept, down = select_neurons((hid @ hid.T).cuda(), wd.cuda()).select(16)
     assert kept.is_cuda and down.is_cuda
-    kept_cpu, down_cpu = select_neurons(hid @ hid.T, wd).truncate(16)
+    kept_cpu, down_cpu = select_neurons(hid @ hid.T, wd).select(16)
     assert torch.equal(kept.cpu(), kept_cpu)

@@ -160,9 +160,10 @@ def test_structure_not_names():
                      ("blocks.1.w3", "up")]
     mlp = find_mlps(ToyModel())[2]
     assert (mlp.name, mlp.inputs, mlp.down, mlp.width) == ("blocks.2", ("blocks.2.w1", "blocks.2.w3"), "blocks.2.w2", 16)
-    # two unnamed attention linears left over: neither can be called the output projection
-    extra = {t.name.rsplit(".", 1)[1]: t.role for t in find_targets(ToyModel(extra=True)) if t.block == 0}
-    assert extra["proj"] == extra["gate_scores"] == "other"
+    # two unnamed attention linears left over: neither can be called the output projection, and a
+    # layout the rules do not know is refused, naming the layers, instead of guessed
+    with pytest.raises(UserInputError, match=r"'blocks\.0\.mixer\.proj' .*attention.* no role.*'blocks\.0\.mixer\.gate_scores'"):
+        find_targets(ToyModel(extra=True))
 
 
 def test_errors_without_blocks_or_mlp():

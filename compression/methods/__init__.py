@@ -1,8 +1,20 @@
-"""Low-rank and neuron-selection methods: pure tensor math, ratio-independent decompositions.
+"""The methods: one module each, a frozen config registered by name (see `base.py`).
 
-`decompose(method, weight, stats)` is computed once per layer and method; the caller truncates
-the result to any rank (`Decomposition.truncate(k)` -> A, B; `NeuronDecomposition.truncate(k)`
--> kept neurons, new down weight) and reads `loss_curve()` for the allocations.
+| name        | module        | factorises | needs                    |
+|-------------|---------------|------------|--------------------------|
+| `svd`       | svd.py        | matrix     | -                        |
+| `fwsvd`     | fwsvd.py      | matrix     | col_fisher               |
+| `whiten`    | whiten.py     | matrix     | gram                     |
+| `whiten-fw` | whiten_fw.py  | matrix     | gram, row_fisher         |
+| `whiten-fd` | whiten_fd.py  | matrix     | gram, neuron_fisher      |
+| `id`        | id.py         | mlp        | gram (of the down input) |
+
+A new method is one module: a frozen dataclass subclassing `MatrixMethod` or `MlpMethod` with
+`@register`, its options as fields, `name`, `needs` and `decompose`; import it once (in every
+process that resolves its name) and sweep files, the allocations, compress, save and load take it.
+
+`decompose(method, weight, stats, **options)` decomposes one bare weight tensor; the caller
+truncates the result to any rank and reads `loss_curve()` for the allocations.
 """
 
 from __future__ import annotations
@@ -10,21 +22,45 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from compression.errors import UserInputError
-from compression.methods.base import Decomposition, LayerStats
-from compression.methods.interpolative import NeuronDecomposition, pivoted_cholesky, select_neurons
-from compression.methods.svd_family import SVD_METHODS, decompose_svd_family, weighted_svd
+# the built-in methods register themselves on import, in the order of the table above
+from compression.methods import svd  # noqa: F401, I001
+from compression.methods import fwsvd  # noqa: F401
+from compression.methods import whiten  # noqa: F401
+from compression.methods import whiten_fw  # noqa: F401
+from compression.methods import whiten_fd  # noqa: F401
+from compression.methods import id  # noqa: F401
+from compression.methods.base import (
+    Factorization,
+    LayerStats,
+    MatrixMethod,
+    MethodConfig,
+    MlpMethod,
+    method_config,
+    method_key,
+    register,
+    registered,
+)
+from compression.methods.factors import LowRankDecomposition, weighted_svd
+from compression.methods.neurons import NeuronDecomposition, pivoted_cholesky, select_neurons
 from compression.methods.whitening import whitening_factor
 
-METHODS = (*SVD_METHODS, "id")
+METHODS = tuple(registered())  # the built-in methods, in the order of the table above
 
 __all__ = [
     "METHODS",
-    "Decomposition",
+    "Factorization",
     "LayerStats",
+    "LowRankDecomposition",
+    "MatrixMethod",
+    "MethodConfig",
+    "MlpMethod",
     "NeuronDecomposition",
     "decompose",
+    "method_config",
+    "method_key",
     "pivoted_cholesky",
+    "register",
+    "registered",
     "select_neurons",
     "weighted_svd",
     "whitening_factor",
@@ -32,38 +68,22 @@ __all__ = [
 
 
 def decompose(
-    method: str,
+    method: str | MethodConfig,
     weight: Tensor,
     stats: LayerStats | None = None,
-    alpha: float = 1.0,
-    eps: float = 1e-6,
-    clamp: float = 1e-12,
     store_dtype: torch.dtype = torch.float32,
     whitening: Tensor | None = None,
-) -> Decomposition | NeuronDecomposition:
-    """Decompose one weight [out, in] (float, on any device; results stay on that device).
+    **options,
+) -> Factorization:
+    """Decompose one weight [out, in] (float, on any device; results stay on that device) by
+    `method` with `options` (e.g. alpha=0.5 for whiten-fd).
 
-    alpha: exponent of the neuron Fisher in `whiten-fd` (0 = `whiten`).
-    eps: floor of the Fisher scales, relative to their mean (fwsvd, whiten-fw, whiten-fd).
-    clamp: floor of the eigenvalues of G relative to the largest (whitening).
-    store_dtype: dtype of the stored singular vectors / factors (float32 halves the memory;
-        all arithmetic is float64).
-    whitening: a precomputed `whitening_factor(stats.gram, clamp)` to share between layers that
-        read the same input (whitening methods only).
-    For `id`, `weight` is the MLP's down projection [h, f] and `stats.gram` the Gram of its
-    input (the intermediate activations); the result selects neurons (`select_neurons` with its
-    default rank tolerance).
+    store_dtype: dtype of the stored singular vectors / factors (float32 halves the memory; all
+    arithmetic is float64). whitening: a precomputed whitening factor of stats.gram to share
+    between layers that read the same input (whitening methods). For an MLP method, `weight` is
+    the MLP's down projection [h, f] and `stats.gram` the Gram of its input.
     """
-    if method not in METHODS:
-        raise UserInputError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise UserInputError("weight must be a 2-D floating-point tensor [out_features, in_features]")
-    if not bool(torch.isfinite(weight).all()):
-        raise UserInputError("weight contains NaN or inf")
-    if method == "id":
-        if stats is None or stats.gram is None:
-            raise UserInputError(
-                "method 'id' needs the Gram matrix of the down-projection input (stats.gram)"
-            )
-        return select_neurons(stats.gram, weight, store_dtype=store_dtype)
-    return decompose_svd_family(method, weight, stats, alpha, eps, clamp, store_dtype, whitening)
+    config = method_config(method, **options)
+    if isinstance(config, MatrixMethod):
+        return config.decompose(weight, stats, whitening=whitening, store_dtype=store_dtype)
+    return config.decompose(weight, stats, store_dtype=store_dtype)

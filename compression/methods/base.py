@@ -1,27 +1,36 @@
-"""Shared types of the methods: the per-layer statistics and the ratio-independent decomposition.
+"""What a method is and what its decompositions offer the rest of the library.
 
-Every SVD-family method reduces to one weighted problem. With a row scale L (diagonal or I) and
-a right factor R (whitening S with S S^T = G, a feature scale diag(d), or I), the method minimises
-||L (W - W') R||_F over rank-k W'. Let M = L W R = U Sigma V^T. Then
+A method is a frozen dataclass (`MethodConfig`): its fields are its options (with defaults,
+validated and coerced in `__post_init__`), its class variables say what it is:
 
-    W' = L^-1 U_k U_k^T L W,     A = L^-1 U_k Sigma_k^1/2,     B = Sigma_k^-1/2 U_k^T L W
+    name        the name sweep files and the CLI use ("whiten-fd")
+    needs       the `LayerStats` fields it reads ("gram", "neuron_fisher", ...)
+    factorizes  what one of its units is: "matrix" (a linear layer, low-rank factors) or "mlp"
+                (a whole MLP, neuron selection)
 
-is a minimiser: L W' R = U_k U_k^T M is the best rank-k approximation of M (Eckart-Young), and
-W' has rank k. R is never inverted, so the identity holds when R is singular, and at full rank
-U U^T L W = L W whenever the column space of L W equals that of M (R invertible, which the
-clamped whitening guarantees). The loss of keeping rank k is the sum of the dropped sigma^2.
+and its `decompose` turns one unit's weight and statistics into a `Factorization`: the
+ratio-independent decomposition of that unit, which the allocation reads (`allocation_unit`, with
+the loss curve) and the apply step applies at any rank (`apply`). `register` adds a method to the
+registry that sweep files and `method_config` resolve names in; nothing else in the project
+knows method names.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import json
+import math
 import operator
 from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from compression.allocation import Unit
 from compression.errors import UserInputError
+from compression.targets import MlpGroup, Target, find_mlps, weight_matrix
 
 
 @dataclass
@@ -41,80 +50,238 @@ class LayerStats:
     col_fisher: Tensor | None = None
     neuron_fisher: Tensor | None = None
 
+    def to(self, device: torch.device | str) -> LayerStats:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
 
-class Decomposition:
-    """Weighted SVD of one weight matrix for one method; truncation to any rank is cheap.
+        return LayerStats(move(self.gram), self.tokens, move(self.row_fisher), move(self.col_fisher),
+                          move(self.neuron_fisher))
 
-    Stores U [m, r] and P = U^T L W [r, n] (r = min(m, n)) in `store_dtype`, the singular values
-    of M in float64, and the inverse row scale. `truncate(k)` slices them: O(k (m + n)).
-    """
 
-    def __init__(
-        self,
-        method: str,
-        left: Tensor,
-        right: Tensor,
-        sigma: Tensor,
-        row_scale: Tensor | None,
-        loss_scale: float = 1.0,
-    ) -> None:
-        self.method = method
-        self._left = left  # U [m, r]
-        self._right = right  # U^T L W [r, n]
-        self.sigma = sigma  # [r] float64, descending
-        self._row_inv = None if row_scale is None else row_scale.reciprocal()  # [m] float64
-        self.loss_scale = float(loss_scale)
-        self.out_features, self.in_features = left.shape[0], right.shape[1]
-        self.max_rank = sigma.numel()
-        # Balancing guard for the factors only: A B = L^-1 U_k U_k^T L W for any positive value.
-        top = float(sigma[0]) if self.max_rank else 0.0
-        self._balance = sigma.clamp(min=top * 1e-8 if top > 0 else 1.0).sqrt()
+STAT_FIELDS = ("gram", "row_fisher", "col_fisher", "neuron_fisher")
+GRADIENT_STATS = ("row_fisher", "col_fisher", "neuron_fisher")  # need the backward pass
+
+
+@runtime_checkable
+class Factorization(Protocol):
+    """The ratio-independent decomposition of one unit (a matrix or an MLP) by one method.
+
+    `unit` is the `Target` or `MlpGroup` it decomposes (None when made from a bare tensor, which
+    then cannot be applied); `max_rank` the largest rank (kept neurons for an MLP);
+    `loss_curve()[k]` the method's loss when keeping rank k."""
+
+    method: str
+    unit: Target | MlpGroup | None
+    max_rank: int
+
+    def loss_curve(self) -> Tensor: ...
+
+    def allocation_unit(self) -> Unit:
+        """The allocation's view of this unit: its parameter costs and loss curve."""
+        ...
+
+    def apply(self, model: nn.Module, k: int) -> None:
+        """Replace the unit in `model` by its rank-k form, in place."""
+        ...
+
+    def to(self, device: torch.device | str) -> Factorization: ...
+
+    def nbytes(self) -> int: ...
+
+
+_REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+def register(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Class decorator: make a method known by its `name` (a later class of the same name wins)."""
+    if not (isinstance(cls, type) and issubclass(cls, MethodConfig) and isinstance(getattr(cls, "name", None), str)):
+        raise TypeError("register() takes a MethodConfig subclass with a class variable `name`")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered() -> dict[str, type[MethodConfig]]:
+    """name -> config class of every known method (a copy)."""
+    return dict(_REGISTRY)
+
+
+def method_config(method: str | MethodConfig, **options) -> MethodConfig:
+    """The config of `method` (a name, or a config that is returned with `options` applied).
+
+    UserInputError for an unknown name or option, naming what is allowed."""
+    if isinstance(method, MethodConfig):
+        return dataclasses.replace(method, **options) if options else method
+    cls = _REGISTRY.get(method) if isinstance(method, str) else None
+    if cls is None:
+        raise UserInputError(f"unknown method {method!r}; allowed: {', '.join(_REGISTRY)}")
+    allowed = cls.option_names()
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise UserInputError(f"method {method!r} has no option {', '.join(map(repr, unknown))}; its options: "
+                             f"{', '.join(allowed) if allowed else 'none'}")
+    return cls(**options)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method config (see the module docstring)."""
+
+    name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ()
+    factorizes: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # options of type float accept ints and are stored as floats
+            value = getattr(self, f.name)
+            if f.type in ("float", float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise UserInputError(f"method {self.name!r}: option {f.name} must be a finite number, got {value!r}")
+                object.__setattr__(self, f.name, float(value))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UserInputError for an option value the method cannot use (override)."""
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def options(self) -> dict:
+        """The options that differ from their defaults: configs with equal options are the same method."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
 
     @property
-    def cost_per_rank(self) -> int:
-        """Parameters one rank costs: a column of A and a row of B."""
-        return self.out_features + self.in_features
+    def key(self) -> str:
+        """The method with its options as one string ("whiten-fd{}", "whiten-fd{"alpha":0.5}")."""
+        return method_key(self.name, self.options())
 
-    def truncate(self, k: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-        """Factors A [m, k], B [k, n] with A @ B the rank-k solution of the method."""
-        k = _check_rank(k, self.max_rank)
-        s = self._balance[:k]
-        a = self._left[:, :k].to(torch.float64) * s
-        if self._row_inv is not None:
-            a = self._row_inv[:, None] * a
-        b = self._right[:k].to(torch.float64) / s[:, None]
-        return a.to(dtype), b.to(dtype)
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether the statistics this method reads need the calibration's backward pass."""
+        return any(s in GRADIENT_STATS for s in self.needs)
 
-    def loss_curve(self) -> Tensor:
-        """[max_rank + 1] float64: loss_curve[k] = loss_scale * sum of sigma_j^2 for j >= k."""
-        sq = self.sigma.square()
-        tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])
-        return torch.cat([tail, sq.new_zeros(1)]) * self.loss_scale
+    def to_dict(self) -> dict:
+        """{"name": ..., "options": {...}}; `MethodConfig.from_dict` reads it back."""
+        return {"name": self.name, "options": self.options()}
 
-    def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for t in (self._left, self._right, self.sigma, self._row_inv)
-            if t is not None
-        )
+    @staticmethod
+    def from_dict(d: dict) -> MethodConfig:
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("options", {}), dict):
+            raise UserInputError(f"method config {d!r} is malformed; expected {{'name': ..., 'options': {{...}}}}")
+        return method_config(d["name"], **d.get("options", {}))
 
-    def to(self, device: torch.device | str) -> Decomposition:
-        """A copy with every tensor on `device` (dtypes kept: float64 stays float64). Truncating
-        the copy gives the same factors on that device."""
-        out = copy.copy(self)
-        for name in ("_left", "_right", "sigma", "_row_inv", "_balance"):
-            t = getattr(self, name)
-            setattr(out, name, None if t is None else t.to(device))
+    # -- what a method decomposes, and how --------------------------------------------------------
+
+    def units(self, model: nn.Module, stats) -> list[Target | MlpGroup]:
+        """The units of `model` this method decomposes, in a fixed order."""
+        raise NotImplementedError
+
+    def decompose_model(self, model: nn.Module, stats, device: torch.device, store_dtype: torch.dtype,
+                        progress: bool = False) -> dict[str, Factorization]:
+        """unit name -> Factorization of every unit (see `compression.apply.decompose_model`)."""
+        raise NotImplementedError
+
+    def check_stats(self, stats: LayerStats | None) -> LayerStats:
+        stats = stats if stats is not None else LayerStats()
+        for needed in self.needs:
+            if getattr(stats, needed) is None:
+                raise UserInputError(
+                    f"method {self.name!r} needs the calibration statistic {needed!r}, which is missing for this "
+                    f"layer; methods that need no statistics: "
+                    f"{', '.join(n for n, c in _REGISTRY.items() if not c.needs) or 'none'}")
+        return stats
+
+
+@dataclass(frozen=True)
+class MatrixMethod(MethodConfig):
+    """A method that factorises every targeted matrix into low-rank factors."""
+
+    factorizes: ClassVar[str] = "matrix"
+    whitens: ClassVar[bool] = False  # uses S with S S^T = G: shared by the layers of one input group
+
+    def decompose(self, weight: Tensor, stats: LayerStats | None = None, unit: Target | None = None,
+                  whitening: Tensor | None = None, store_dtype: torch.dtype = torch.float32) -> Factorization:
+        """The decomposition of one weight [out, in] (float, on any device; results stay there).
+        `whitening`: a precomputed whitening factor of stats.gram (whitening methods)."""
+        raise NotImplementedError
+
+    def whitening(self, gram: Tensor) -> Tensor:
+        """The whitening factor of a Gram matrix for this method's options (whitening methods)."""
+        raise NotImplementedError
+
+    def units(self, model: nn.Module, stats) -> list[Target]:
+        return list(stats.targets)
+
+    def decompose_model(self, model: nn.Module, stats, device: torch.device, store_dtype: torch.dtype,
+                        progress: bool = False) -> dict[str, Factorization]:
+        whitenings: dict[str, Tensor] = {}  # input group -> its whitening factor, computed once
+        out = {}
+        for target in tqdm(self.units(model, stats), desc=f"{self.name}: decompose", disable=not progress):
+            layer_stats = stats.layer(target.name).to(device)
+            weight = weight_matrix(model, target).detach().to(device)
+            whitening = None
+            if self.whitens:
+                if target.input_group not in whitenings:
+                    whitenings[target.input_group] = self.whitening(layer_stats.gram)
+                whitening = whitenings[target.input_group]
+            out[target.name] = self.decompose(weight, layer_stats, unit=target, whitening=whitening,
+                                              store_dtype=store_dtype)
         return out
 
-    def __repr__(self) -> str:
-        return (
-            f"Decomposition(method={self.method!r}, shape=({self.out_features}, "
-            f"{self.in_features}), max_rank={self.max_rank})"
-        )
+
+@dataclass(frozen=True)
+class MlpMethod(MethodConfig):
+    """A method that keeps some neurons of every MLP (a narrower dense MLP)."""
+
+    factorizes: ClassVar[str] = "mlp"
+
+    def decompose(self, down_weight: Tensor, stats: LayerStats | None = None, unit: MlpGroup | None = None,
+                  store_dtype: torch.dtype = torch.float32) -> Factorization:
+        """The decomposition of one MLP from its down weight [h, f] and the statistics of the down
+        projection (stats.gram: the Gram of the intermediate activations)."""
+        raise NotImplementedError
+
+    def units(self, model: nn.Module, stats) -> list[MlpGroup]:
+        """The MLPs of the model; every one of their layers must have statistics."""
+        mlps = find_mlps(model)
+        names = {t.name for t in stats.targets}
+        missing = [n for g in mlps for n in (*g.inputs, g.down) if n not in names]
+        if missing:
+            raise UserInputError(f"method {self.name!r} needs calibration statistics for every MLP layer; missing: "
+                                 f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        return mlps
+
+    def decompose_model(self, model: nn.Module, stats, device: torch.device, store_dtype: torch.dtype,
+                        progress: bool = False) -> dict[str, Factorization]:
+        by_name = {t.name: t for t in stats.targets}
+        out = {}
+        for mlp in tqdm(self.units(model, stats), desc=f"{self.name}: decompose", disable=not progress):
+            down = weight_matrix(model, by_name[mlp.down]).detach().to(device)
+            out[mlp.name] = self.decompose(down, stats.layer(mlp.down).to(device), unit=mlp, store_dtype=store_dtype)
+        return out
 
 
-def _check_rank(k: int, max_rank: int) -> int:
+def method_key(name: str, options: dict) -> str:
+    """`MethodConfig.key` from a name and its non-default options (no registry needed)."""
+    return f"{name}{json.dumps(options, sort_keys=True, separators=(',', ':'))}"
+
+
+def bound_unit(dec: Factorization) -> Target | MlpGroup:
+    """The unit a decomposition belongs to; UserInputError for one made from a bare tensor."""
+    if dec.unit is None:
+        raise UserInputError(f"this {dec.method!r} decomposition was made from a bare tensor: it belongs to no "
+                             f"layer of a model; use compression.decompose_model")
+    return dec.unit
+
+
+def check_weight(weight: Tensor) -> None:
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise UserInputError("weight must be a 2-D floating-point tensor [out_features, in_features]")
+    if not bool(torch.isfinite(weight).all()):
+        raise UserInputError("weight contains NaN or inf")
+
+
+def check_rank(k: int, max_rank: int) -> int:
     """k as a Python int, or UserInputError if it is not an integer in [0, max_rank]."""
     try:
         value = operator.index(k)

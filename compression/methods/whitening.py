@@ -1,9 +1,16 @@
-"""Whitening factor S with S S^T = G from an eigendecomposition (never a failing Cholesky)."""
+"""Whitening (SVD-LLM): S with S S^T = G from an eigendecomposition, never a failing Cholesky;
+and the base of the methods that whiten (`whiten`, `whiten-fw`, `whiten-fd`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor
+
+from compression.errors import UserInputError
+from compression.methods.base import LayerStats, MatrixMethod, as_float64
 
 
 def whitening_factor(gram: Tensor, clamp: float = 1e-12) -> Tensor:
@@ -22,3 +29,32 @@ def whitening_factor(gram: Tensor, clamp: float = 1e-12) -> Tensor:
     top = float(lam[-1]) if lam.numel() else 0.0
     floor = clamp * top if top > 0 else 1.0
     return q * lam.clamp(min=floor).sqrt()
+
+
+@dataclass(frozen=True)
+class WhiteningMethod(MatrixMethod):
+    """A matrix method whose right factor is the whitening S of its input's Gram matrix.
+
+    clamp: floor of the eigenvalues of G relative to the largest (see `whitening_factor`)."""
+
+    whitens: ClassVar[bool] = True
+    clamp: float = 1e-12
+
+    def validate(self) -> None:
+        if not 0 < self.clamp < 1:
+            raise UserInputError(f"method {self.name!r}: option clamp must be in (0, 1), got {self.clamp}")
+
+    def whitening(self, gram: Tensor) -> Tensor:
+        return whitening_factor(gram, self.clamp)
+
+    def right_factor(self, stats: LayerStats, n: int, device: torch.device, whitening: Tensor | None) -> Tensor:
+        """The precomputed whitening, or the one of stats.gram."""
+        if whitening is not None:
+            return whitening
+        return self.whitening(as_float64(stats.gram, "gram", (n, n), device))
+
+
+def check_eps(method: str, eps: float) -> None:
+    """The floor of the Fisher scales, relative to their mean: a number in (0, 1)."""
+    if not 0 < eps < 1:
+        raise UserInputError(f"method {method!r}: option eps must be in (0, 1), got {eps}")

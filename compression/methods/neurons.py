@@ -1,4 +1,4 @@
-"""`id`: interpolative decomposition of an MLP's intermediate activations (structured pruning).
+"""Neuron selection: interpolative decomposition of an MLP's intermediate activations (`id`).
 
 H [f, tokens] are the activations entering the down projection (W_d [h, f]), G = H H^T their
 Gram. Keeping neurons J and folding an interpolation matrix C [f, k] into the down projection
@@ -28,10 +28,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from compression.allocation import Unit
 from compression.errors import UserInputError
-from compression.methods.base import _check_rank, as_float64
+from compression.layers import prune_mlp
+from compression.methods.base import as_float64, bound_unit, check_rank
+from compression.targets import MLP_ROLE, MlpGroup, get_module
 
 
 def pivoted_cholesky(gram: Tensor, rtol: float = 1e-10) -> tuple[Tensor, Tensor, Tensor]:
@@ -64,9 +67,7 @@ def pivoted_cholesky(gram: Tensor, rtol: float = 1e-10) -> tuple[Tensor, Tensor,
 
 
 class NeuronDecomposition:
-    """Neuron order and interpolation data of one MLP; `truncate(k)` keeps k neurons."""
-
-    method = "id"
+    """Neuron order and interpolation data of one MLP; `select(k)` keeps k neurons."""
 
     def __init__(
         self,
@@ -74,7 +75,11 @@ class NeuronDecomposition:
         gram: Tensor,
         rtol: float = 1e-10,
         store_dtype: torch.dtype = torch.float32,
+        method: str = "id",
+        unit: MlpGroup | None = None,
     ) -> None:
+        self.method = method
+        self.unit = unit
         w = down_weight.to(torch.float64)
         self.out_features, self.max_rank = w.shape
         pivots, factor, resid = pivoted_cholesky(gram.to(torch.float64), rtol)
@@ -95,9 +100,9 @@ class NeuronDecomposition:
             [torch.flip(torch.cumsum(torch.flip(per_step, [0]), 0), [0]), per_step.new_zeros(1)]
         )
 
-    def truncate(self, k: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    def select(self, k: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """(kept neuron indices [k] sorted ascending, new down weight [h, k] in that order)."""
-        k = _check_rank(k, self.max_rank)
+        k = check_rank(k, self.max_rank)
         r = min(k, self.rank)
         down = self._down.to(torch.float64)
         new = down[:, :k].clone()
@@ -112,6 +117,20 @@ class NeuronDecomposition:
     def loss_curve(self) -> Tensor:
         """[max_rank + 1] float64: squared output error of the down projection keeping k neurons."""
         return self._loss
+
+    def allocation_unit(self) -> Unit:
+        """An MLP: each kept neuron costs `MlpGroup.neuron_cost`; it never stays dense for lack of
+        profit (every neuron removed saves parameters)."""
+        mlp = bound_unit(self)
+        return Unit(name=mlp.name, role=MLP_ROLE, block=mlp.block, dense_params=mlp.width * mlp.neuron_cost,
+                    cost_per_rank=mlp.neuron_cost, max_rank=mlp.width, dense_when_unprofitable=False,
+                    loss_curve=self.loss_curve())
+
+    def apply(self, model: nn.Module, k: int) -> None:
+        """Keep the k first neurons in pivot order: a narrower dense MLP (`layers.prune_mlp`)."""
+        mlp = bound_unit(self)
+        kept, down_weight = self.select(k, dtype=get_module(model, mlp.down).weight.dtype)
+        prune_mlp(model, mlp, kept, down_weight)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self._factor, self._down, self.order))
@@ -133,11 +152,13 @@ def select_neurons(
     down_weight: Tensor,
     rtol: float = 1e-10,
     store_dtype: torch.dtype = torch.float32,
+    method: str = "id",
+    unit: MlpGroup | None = None,
 ) -> NeuronDecomposition:
-    """The `id` decomposition of an MLP from the Gram of its down-projection input [f, f] and
+    """The neuron selection of an MLP from the Gram of its down-projection input [f, f] and
     its down weight [h, f] (see module docstring)."""
     if down_weight.dim() != 2:
         raise UserInputError(f"down weight must be 2-D [hidden, neurons], got shape {tuple(down_weight.shape)}")
     f = down_weight.shape[1]
     gram = as_float64(gram_down_input, "gram of the down-projection input", (f, f), down_weight.device)
-    return NeuronDecomposition(down_weight, 0.5 * (gram + gram.T), rtol, store_dtype)
+    return NeuronDecomposition(down_weight, 0.5 * (gram + gram.T), rtol, store_dtype, method=method, unit=unit)

@@ -1,0 +1,165 @@
+"""The low-rank core of the SVD-family methods: one weighted SVD, truncated to any rank.
+
+Every SVD-family method reduces to one weighted problem. With a row scale L (diagonal or I) and
+a right factor R (whitening S with S S^T = G, a feature scale diag(d), or I), the method minimises
+||L (W - W') R||_F over rank-k W'. Let M = L W R = U Sigma V^T. Then
+
+    W' = L^-1 U_k U_k^T L W,     A = L^-1 U_k Sigma_k^1/2,     B = Sigma_k^-1/2 U_k^T L W
+
+is a minimiser: L W' R = U_k U_k^T M is the best rank-k approximation of M (Eckart-Young), and
+W' has rank k. R is never inverted, so the identity holds when R is singular, and at full rank
+U U^T L W = L W whenever the column space of L W equals that of M (R invertible, which the
+clamped whitening guarantees). The loss of keeping rank k is the sum of the dropped sigma^2.
+
+The methods differ only in L, R and the units of the loss (each method's module says which).
+`importance_scale` is the diagonal scale of the Fisher-weighted ones: floored at `eps` times its
+mean (scale-free, so a zero Fisher entry gives a finite inverse) and normalised to root-mean-square
+1 (||L||_F^2 = m, as for I), which only changes the units of sigma.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from compression.allocation import Unit
+from compression.layers import replace_low_rank
+from compression.methods.base import bound_unit, check_rank
+from compression.targets import Target, get_module
+
+
+class LowRankDecomposition:
+    """Weighted SVD of one weight matrix for one method; truncation to any rank is cheap.
+
+    Stores U [m, r] and P = U^T L W [r, n] (r = min(m, n)) in `store_dtype`, the singular values
+    of M in float64, and the inverse row scale. `truncate(k)` slices them: O(k (m + n)).
+    """
+
+    def __init__(
+        self,
+        method: str,
+        left: Tensor,
+        right: Tensor,
+        sigma: Tensor,
+        row_scale: Tensor | None,
+        loss_scale: float = 1.0,
+        unit: Target | None = None,
+    ) -> None:
+        self.method = method
+        self.unit = unit
+        self._left = left  # U [m, r]
+        self._right = right  # U^T L W [r, n]
+        self.sigma = sigma  # [r] float64, descending
+        self._row_inv = None if row_scale is None else row_scale.reciprocal()  # [m] float64
+        self.loss_scale = float(loss_scale)
+        self.out_features, self.in_features = left.shape[0], right.shape[1]
+        self.max_rank = sigma.numel()
+        # Balancing guard for the factors only: A B = L^-1 U_k U_k^T L W for any positive value.
+        top = float(sigma[0]) if self.max_rank else 0.0
+        self._balance = sigma.clamp(min=top * 1e-8 if top > 0 else 1.0).sqrt()
+
+    @property
+    def cost_per_rank(self) -> int:
+        """Parameters one rank costs: a column of A and a row of B."""
+        return self.out_features + self.in_features
+
+    def truncate(self, k: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """Factors A [m, k], B [k, n] with A @ B the rank-k solution of the method."""
+        k = check_rank(k, self.max_rank)
+        s = self._balance[:k]
+        a = self._left[:, :k].to(torch.float64) * s
+        if self._row_inv is not None:
+            a = self._row_inv[:, None] * a
+        b = self._right[:k].to(torch.float64) / s[:, None]
+        return a.to(dtype), b.to(dtype)
+
+    def loss_curve(self) -> Tensor:
+        """[max_rank + 1] float64: loss_curve[k] = loss_scale * sum of sigma_j^2 for j >= k."""
+        sq = self.sigma.square()
+        tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])
+        return torch.cat([tail, sq.new_zeros(1)]) * self.loss_scale
+
+    def allocation_unit(self) -> Unit:
+        """A matrix: rank k costs k (m + n); a rank that saves nothing leaves it dense."""
+        t = bound_unit(self)
+        return Unit(name=t.name, role=t.role, block=t.block, dense_params=self.out_features * self.in_features,
+                    cost_per_rank=self.cost_per_rank, max_rank=self.max_rank, dense_when_unprofitable=True,
+                    loss_curve=self.loss_curve())
+
+    def apply(self, model: nn.Module, k: int) -> None:
+        """Swap the layer for a `LowRankLinear` holding the rank-k factors (in the layer's dtype)."""
+        t = bound_unit(self)
+        A, B = self.truncate(k, dtype=get_module(model, t.name).weight.dtype)
+        replace_low_rank(model, t, A, B)
+
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self._left, self._right, self.sigma, self._row_inv)
+            if t is not None
+        )
+
+    def to(self, device: torch.device | str) -> LowRankDecomposition:
+        """A copy with every tensor on `device` (dtypes kept: float64 stays float64). Truncating
+        the copy gives the same factors on that device."""
+        out = copy.copy(self)
+        for name in ("_left", "_right", "sigma", "_row_inv", "_balance"):
+            t = getattr(self, name)
+            setattr(out, name, None if t is None else t.to(device))
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"LowRankDecomposition(method={self.method!r}, shape=({self.out_features}, "
+            f"{self.in_features}), max_rank={self.max_rank})"
+        )
+
+
+def weighted_svd(
+    weight: Tensor,
+    row_scale: Tensor | None = None,
+    right: Tensor | None = None,
+    method: str = "svd",
+    loss_scale: float = 1.0,
+    store_dtype: torch.dtype = torch.float32,
+    unit: Target | None = None,
+) -> LowRankDecomposition:
+    """Decompose M = diag(row_scale) W R (float64) into a `LowRankDecomposition` (see above).
+
+    `right` is R [n, n'], a 1-D column scale d (R = diag(d)), or None (R = I).
+    """
+    lw = weight.to(torch.float64)
+    if row_scale is not None:
+        lw = row_scale[:, None] * lw
+    if right is None:
+        m = lw
+    else:  # a 1-D `right` is a column scale diag(right)
+        m = lw * right if right.dim() == 1 else lw @ right
+    u, sigma, _ = torch.linalg.svd(m, full_matrices=False)
+    return LowRankDecomposition(
+        method,
+        left=u.to(store_dtype),
+        right=(u.T @ lw).to(store_dtype),
+        sigma=sigma,
+        row_scale=row_scale,
+        loss_scale=loss_scale,
+        unit=unit,
+    )
+
+
+def importance_scale(weights: Tensor, eps: float, power: float = 1.0) -> tuple[Tensor, float]:
+    """Diagonal scale sqrt(w^power) with w floored at eps * mean(w), normalised to RMS 1.
+
+    Returns (scale, mean of the squared un-normalised scale). power 0 gives exactly ones and 1;
+    an all-zero w gives ones and 0 (the layer does not move the loss).
+    """
+    if power == 0:
+        return torch.ones_like(weights), 1.0
+    mean = float(weights.mean())
+    if mean <= 0:
+        return torch.ones_like(weights), 0.0
+    w = weights.clamp(min=eps * mean).pow(power)
+    norm = float(w.mean())
+    return (w / norm).sqrt(), norm
