@@ -30,7 +30,8 @@ from ray.cluster_utils import Cluster
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchfile import machine_line, write_section  # noqa: E402
 
-from sweeps.runner import prepare, run_sweep  # noqa: E402
+from sweeps.prepare import prepare  # noqa: E402
+from sweeps.runner import run_sweep  # noqa: E402
 from sweeps.spec import parse_spec  # noqa: E402
 
 SWEEP = {
@@ -53,15 +54,15 @@ def timed_run(nodes: int, storage: str, index: int) -> dict:
         cluster.wait_for_nodes()
         spec = parse_spec(SWEEP | {"name": f"run{index}-{nodes}nodes", "storage": storage})
         start = time.perf_counter()
-        out = run_sweep(spec, address=cluster.address, log=lambda line: None)
+        out = run_sweep(spec, address=cluster.address)
         wall = time.perf_counter() - start
     finally:
         ray.shutdown()
         cluster.shutdown()
-    df = out["table"]
+    df = out.table
     trials = df[df["method"] != "dense"]
     assert (trials["status"] == "ok").all(), trials[["trial_id", "status", "error"]]
-    return {"nodes": nodes, "wall": wall, "trial_compute": out["timing"]["trials"], "shared": out["timing"]["shared"],
+    return {"nodes": nodes, "wall": wall, "trial_compute": out.timing.trials, "shared": out.timing.shared,
             "trials": len(trials)}
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    prepare(parse_spec(SWEEP | {"storage": tempfile.gettempdir()}), log=lambda line: None)  # fill the cache
+    prepare(parse_spec(SWEEP | {"storage": tempfile.gettempdir()}))  # fill the cache
     runs = []
     with tempfile.TemporaryDirectory() as storage:
         for i in range(args.repeats):

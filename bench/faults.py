@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT / "tests" / "faults"))
 from benchfile import machine_line, write_section  # noqa: E402
 from fault_sweep import attempts, fault_env, write_sweep  # noqa: E402
 
-from sweeps.spec import expand, load_spec  # noqa: E402
+from sweeps.spec import load_spec  # noqa: E402
+from sweeps.trials import expand  # noqa: E402
 
 LRSWEEP = Path(sys.executable).parent / "lrsweep"
 GRID = {"method": ["svd", "whiten", "whiten-fd", "id"], "ratio": [0.2, 0.3, 0.4]}
@@ -49,7 +50,7 @@ def setup(folder: Path) -> list[str]:
     """The corpus and sweep file in `folder` (the working directory from here); the trial ids."""
     write_sweep(folder, GRID, retries=2)
     os.chdir(folder)
-    return [c["trial_id"] for c in expand(load_spec("sweep.yaml"))]
+    return [c.trial_id for c in expand(load_spec("sweep.yaml"))]
 
 
 def inject(folder: Path, **faults) -> None:
@@ -98,7 +99,7 @@ def node_lost(folder: Path) -> dict:
         threading.Thread(target=remove_when_busy, daemon=True).start()
         spec = load_spec("sweep.yaml")
         spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"max_concurrent": 3})})
-        run_sweep(spec, address=cluster.address, log=lambda line: None)
+        run_sweep(spec, address=cluster.address)
     finally:
         ray.shutdown()
         cluster.shutdown()

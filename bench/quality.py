@@ -21,7 +21,7 @@ from benchfile import machine_line, write_section
 from compression.allocation import ALLOCATIONS
 from compression.apply import compress, decompose_model, plan_ranks
 from compression.calibration import collect_stats
-from compression.methods import METHODS
+from compression.methods import METHODS, method_config
 from trainables.evaluation import perplexity
 from trainables.sources import draw_windows, load_model
 
@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--alphas", type=float, nargs="+", default=[1.0], help="whiten-fd exponents")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[1.0],
+                        help="exponents of the importance weighting, for the methods with an `alpha` option")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -55,10 +56,11 @@ def main() -> None:
     calib_seconds = time.perf_counter() - start
 
     rows, timing = [], []
-    variants = [(m, a) for m in args.methods for a in (args.alphas if m == "whiten-fd" else [1.0])]
-    for method, alpha in variants:
+    variants = [method_config(m, **({"alpha": a} if "alpha" in method_config(m).option_names() else {}))
+                for m in args.methods for a in args.alphas]
+    for method in dict.fromkeys(variants):
         start = time.perf_counter()
-        decs = decompose_model(model, stats, method, alpha=alpha)
+        decs = decompose_model(model, stats, method)
         decompose_seconds = time.perf_counter() - start
         trial_seconds = []
         for allocation in GRID_ALLOCATIONS:
@@ -71,11 +73,10 @@ def main() -> None:
                 ppl = perplexity(small, held_out, batch_size=8).value
                 cells.append(f"{ppl:.2f} ({plan.achieved_ratio:.3f})")
                 del small
-            label = f"{method} (alpha {alpha:g})" if method == "whiten-fd" and len(args.alphas) > 1 else method
+            label = method.name + "".join(f" ({k} {v:g})" for k, v in method.options().items())
             rows.append(f"| {label} | {allocation} | " + " | ".join(cells) + " |")
             print(rows[-1], flush=True)
-        timing.append(f"| {method}{f' alpha {alpha:g}' if method == 'whiten-fd' else ''} | {decompose_seconds:.1f} | "
-                      f"{statistics.median(trial_seconds):.2f} |")
+        timing.append(f"| {label} | {decompose_seconds:.1f} | {statistics.median(trial_seconds):.2f} |")
         del decs
 
     ratio_cols = " | ".join(f"ppl @ ratio {r:g} (achieved)" for r in args.ratios)

@@ -1,20 +1,33 @@
 """sweeps: sweep files, the Ray Tune launcher, results, reports and the `lrsweep` CLI.
 
-For notebooks::
+The Python API (what the CLI does, returning objects; see `sweeps.api`)::
 
-    from sweeps import load_results, pareto
-    df = load_results("results/quickstart")         # the trials table, typed
+    from sweeps import load_sweep, plan_sweep, run_sweep, load_results, pareto, export_trial
+    spec = load_sweep("sweeps/examples/quickstart.yaml")
+    result = run_sweep(spec)                            # SweepResult
+    df = load_results(result.directory)                 # the trials table, typed
     front = pareto(df[df.status == "ok"], "size_mb", "metric")
 
-The names below are imported on first use, so `import sweeps` (the CLI's first import) stays light.
+Modules, one idea each: `spec` (the sweep file), `trials` (what it runs), `prepare` (model, data,
+baseline, calibration cache), `shared` (the object store), `tuning` (Tune and Optuna), `runner`
+(the run and its recovery), `storage` and `table` (files and the results table), `analysis`,
+`report` and `plots`, `export`, `api`, `cli`. The names below are imported on first use, so
+`import sweeps` (the CLI's first import) stays light.
 """
 
 from importlib import import_module
 
 __version__ = "0.1.0"
 
-_EXPORTS = {"load_results": "analysis", "pareto": "analysis", "compare": "analysis", "best_trial": "analysis",
-            "best_per_ratio": "analysis", "higher_is_better": "analysis"}
+_EXPORTS = {
+    "load_sweep": "api", "plan_sweep": "api", "SweepPlan": "api",
+    "run_sweep": "runner", "SweepResult": "runner",
+    "load_results": "table",
+    "pareto": "analysis", "compare": "analysis", "best_trial": "analysis", "best_per_ratio": "analysis",
+    "higher_is_better": "analysis",
+    "regenerate": "report",
+    "export_trial": "export", "rebuild": "export", "generate": "export", "classify": "export",
+}
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

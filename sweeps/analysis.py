@@ -5,100 +5,31 @@ no torch).
     df = load_results("results/quickstart")           # one row per trial, proper dtypes
     front = pareto(df[df.status == "ok"], "size_mb", "metric")
 
-`load_results` checks the file and returns typed columns: categories for status, method,
-allocation and metric name; dicts for `options`, `group_ratios` and `rank_plan` (the JSON of
-`compression.allocation.RankPlan.to_dict()`); nullable integers for counts. "Best" always means the
-lowest perplexity or the highest accuracy (`higher_is_better`), among finished trials.
+"Best" always means the lowest perplexity or the highest accuracy (`higher_is_better`), among
+finished trials. Tables come from `sweeps.table.load_results` (typed columns).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from compression.errors import UserInputError
-from sweeps.results import COLUMNS, LATER_COLUMNS, TRIALS_FILE, is_uri, read_file
-
-CATEGORIES = ("status", "method", "allocation", "metric_name")
-JSON_COLUMNS = ("options", "group_ratios", "rank_plan")
-REQUIRED = tuple(c for c in COLUMNS if c not in LATER_COLUMNS)
-
-
-# -- reading ------------------------------------------------------------------------------------
-
-
-def load_results(directory: str | Path) -> pd.DataFrame:
-    """The trials table of the sweep folder `directory` (`<storage>/<name>`, or a URI) with proper
-    dtypes (see the module docstring). UserInputError when there is no table, or it is corrupt,
-    partial (columns missing) or empty."""
-    directory = str(directory)
-    if not is_uri(directory) and not Path(directory).is_dir():
-        raise UserInputError(f"results folder {directory!r} does not exist; give the folder of one sweep "
-                             f"(<storage>/<name>, the one holding {TRIALS_FILE})")
-    try:
-        data = read_file(directory, TRIALS_FILE)
-    except OSError as e:
-        raise UserInputError(f"cannot read {directory}/{TRIALS_FILE}: {e}") from None
-    if data is None:
-        raise UserInputError(f"{directory} holds no results: there is no {TRIALS_FILE} (it is written when a "
-                             f"sweep has evaluated its dense baseline; give the folder of one sweep, "
-                             f"<storage>/<name>)")
-    try:
-        raw = pd.read_parquet(io.BytesIO(data))
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserInputError(f"{directory}/{TRIALS_FILE} cannot be read: the file is corrupt or only partly "
-                             f"written ({reason})") from None
-    if raw.empty:
-        raise UserInputError(f"{directory}/{TRIALS_FILE} holds no rows: no trial has finished yet")
-    return typed(raw, where=f"{directory}/{TRIALS_FILE}")
-
-
-def typed(df: pd.DataFrame, where: str = "the results table") -> pd.DataFrame:
-    """The table with the dtypes of `load_results` (idempotent; a copy)."""
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise UserInputError(f"{where} is partial or not a lowrank-sweep trials table: it lacks the "
-                             f"column(s) {', '.join(missing)}")
-    out = df.copy()
-    for col in LATER_COLUMNS:
-        if col not in out.columns:
-            out[col] = pd.NA
-    out = out[list(COLUMNS) + [c for c in out.columns if c not in COLUMNS]]
-    for col, dtype in COLUMNS.items():
-        if col in CATEGORIES:
-            out[col] = out[col].astype("string").fillna("").astype("category")
-        elif col in JSON_COLUMNS:
-            out[col] = [_json_cell(v, col, t, where) for v, t in zip(out[col], out["trial_id"])]
-        elif dtype == "Int64":
-            out[col] = pd.to_numeric(out[col]).astype("Int64")
-        elif dtype == "float64":
-            out[col] = pd.to_numeric(out[col]).astype("float64")
-        else:
-            out[col] = out[col].astype("string").fillna("")
-    return out.reset_index(drop=True)
-
-
-def _json_cell(value, column: str, trial_id, where: str) -> dict:
-    if isinstance(value, dict):
-        return value
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA or value == "":
-        return {}
-    try:
-        parsed = json.loads(value)
-    except (TypeError, json.JSONDecodeError):
-        raise UserInputError(f"{where}: column {column} of trial {trial_id} is not valid JSON") from None
-    if not isinstance(parsed, dict):
-        raise UserInputError(f"{where}: column {column} of trial {trial_id} is not a JSON object")
-    return parsed
+from sweeps.table import typed
 
 
 # -- what "best" means ----------------------------------------------------------------------------
+
+
+def factorised(row: pd.Series) -> bool:
+    """Whether a trial's plan replaced some matrix by low-rank factors (rather than only pruning
+    whole MLPs, role "mlp", or leaving everything dense)."""
+    plan = row["rank_plan"] if isinstance(row["rank_plan"], dict) else {}
+    ranks = plan.get("ranks", {})
+    return any(ranks.get(u["name"]) is not None and u["role"] != "mlp" for u in plan.get("units") or [])
 
 
 def higher_is_better(metric_name: str) -> bool:

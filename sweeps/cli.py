@@ -20,6 +20,7 @@ unfinished (Ctrl-C, or limits.sweep_seconds ran out): `--resume` runs them.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from importlib import resources
 
@@ -110,27 +111,29 @@ def _sources() -> int:
 
 
 def _load(args: argparse.Namespace):
-    from sweeps.runner import apply_overrides
-    from sweeps.spec import load_spec
+    import re
 
-    return apply_overrides(load_spec(args.file), storage=getattr(args, "storage", None),
-                           name=getattr(args, "name", None))
+    from compression.errors import UserInputError
+    from sweeps.api import load_sweep
+    from sweeps.spec import NAME_PATTERN
+
+    name = getattr(args, "name", None)
+    if name is not None and not re.fullmatch(NAME_PATTERN, name):
+        raise UserInputError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit)")
+    return load_sweep(args.file, storage=getattr(args, "storage", None), name=name)
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from sweeps.runner import check_storage, sweep_directory
-    from sweeps.spec import check_resources, expand, local_resources, optuna_choices, trial_count
+    from sweeps.api import plan_sweep
 
-    spec = _load(args)
-    if args.address is None:
-        check_resources(spec, *local_resources())
-    directory = sweep_directory(spec.storage, spec.name)
-    stored = check_storage(spec, directory, args.resume)
+    plan = plan_sweep(_load(args), address=args.address, resume=args.resume)
+    spec = plan.spec
     task, cal = spec.task_settings(), spec.calibration_settings()
     r = spec.resources
-    print(f"sweep {spec.name}: {trial_count(spec)} trial(s) on {spec.model} ({spec.task.type})")
+    print(f"sweep {spec.name}: {plan.trial_count} trial(s) on {spec.model} ({spec.task.type})")
     print(f"  evaluation: {task['eval']}; calibration: {cal['samples']} samples of {cal['source']} "
           f"({cal['seq_len']} tokens); finetune: {spec.finetune.steps} steps")
+    print(f"  methods: {', '.join(repr(m) for m in plan.methods)}")
     print(f"  per trial: {r.cpu:g} CPU, {r.gpu:g} GPU; at most "
           f"{r.max_concurrent if r.max_concurrent else 'as many as fit'} at once")
     lim = spec.limits
@@ -138,15 +141,15 @@ def _validate(args: argparse.Namespace) -> int:
           f"{f'{lim.trial_seconds:g} s' if lim.trial_seconds else 'none'}, calibration statistics "
           f"{f'{lim.stats_memory_gb:g} GB' if lim.stats_memory_gb else 'half the available memory'}, "
           f"{lim.retries} retries of a crashed trial")
-    print(f"  results: {directory}" + (" (holds this sweep already)" if stored else ""))
+    print(f"  results: {plan.directory}" + (" (holds this sweep already)" if plan.stored else ""))
     if spec.optuna is None:
         print(f"\n{'trial_id':<12}  {'method':<10}  {'allocation':<10}  {'ratio':>6}  options")
-        for c in expand(spec):
-            options = ", ".join(f"{k}={v}" for k, v in c["options"].items()) or "-"
-            print(f"{c['trial_id']:<12}  {c['method']:<10}  {c['allocation']:<10}  {c['ratio']:>6.2f}  {options}")
+        for c in plan.trials:
+            options = ", ".join(f"{k}={v}" for k, v in c.options.items()) or "-"
+            print(f"{c.trial_id:<12}  {c.method:<10}  {c.allocation:<10}  {c.ratio:>6.2f}  {options}")
     else:
         o = spec.optuna
-        choices = ", ".join(f"{k} in {v}" for k, v in optuna_choices(spec).items())
+        choices = ", ".join(f"{k} in {v}" for k, v in plan.optuna_choices.items())
         objective = "metric" if not o.multi else "metric and size (Pareto front)"
         print(f"\nOptuna ({o.sampler}, seed {spec.seed if o.seed is None else o.seed}): {o.trials} trials, "
               f"one ratio per {o.granularity} in [{o.bounds[0]:g}, {o.bounds[1]:g}] rescaled to the budget; "
@@ -160,27 +163,25 @@ def _run(args: argparse.Namespace, file: str | None = None) -> int:
 
     if file is not None:
         args.file = file
-    spec = _load(args)
-    out = run_sweep(spec, address=args.address, resume=args.resume)
+    out = run_sweep(_load(args), address=args.address, resume=args.resume)
     print()
-    print(format_table(out["table"]))
-    print(f"\ntable:  {out['directory']}/trials.parquet")
-    print(f"report: {out['report']}")
-    print(f"time:   {out['timing']['text']}")
-    faults = out["faults"]
-    if faults["retried"] or faults["restarts"]:
-        print(f"faults: {faults['text']}")
-    if faults["unfinished"]:
-        print(f"lrsweep: {faults['unfinished']} trial(s) did not finish (interrupted, or limits.sweep_seconds ran "
+    print(format_table(out.table))
+    print(f"\ntable:  {out.directory}/trials.parquet")
+    print(f"report: {out.report}")
+    print(f"time:   {out.timing.describe()}")
+    if out.faults.retried or out.faults.restarts:
+        print(f"faults: {out.faults.describe()}")
+    if out.faults.unfinished:
+        print(f"lrsweep: {out.faults.unfinished} trial(s) did not finish (interrupted, or limits.sweep_seconds ran "
               f"out); `lrsweep run {args.file} --resume` runs them", file=sys.stderr)
         return UNFINISHED
     return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from sweeps.runner import calibrate, calibration_cache
+    from sweeps.prepare import calibration_cache, prepare
 
-    prepared = calibrate(_load(args))
+    prepared = prepare(_load(args))
     print(f"statistics: {calibration_cache() / (prepared.calibration_key + '.safetensors')}")
     return 0
 
@@ -196,17 +197,21 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from sweeps.analysis import compare, load_results
+    from sweeps.analysis import compare
     from sweeps.report import format_compare
+    from sweeps.table import load_results
 
     print(format_compare(compare(load_results(args.a), load_results(args.b)), args.a, args.b))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from sweeps.export import describe, export
+    from compression.errors import UserInputError
+    from sweeps.export import describe, export_trial
 
-    path, built = export(args.experiment, args.out, trial=args.trial, best=args.best, max_ratio=args.max_ratio,
+    if args.trial is not None and (args.max_ratio is not None or args.min_ratio is not None):
+        raise UserInputError("--max-ratio and --min-ratio choose among trials with --best; --trial names one")
+    path, built = export_trial(args.experiment, args.out, trial=args.trial, best=args.best, max_ratio=args.max_ratio,
                          min_ratio=args.min_ratio, before_finetune=args.before_finetune, device=args.device)
     print(f"exported {describe(built)}")
     print(f"to {path} (load it with compression.load_compressed, or run `lrsweep "
@@ -233,9 +238,27 @@ _ANALYSIS = {"report": _report, "compare": _compare, "export": _export, "generat
              "classify": _classify}
 
 
+class _Progress(logging.Handler):
+    """Prints the library's messages (logger "lrsweep") to the standard output of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stdout.write(self.format(record) + "\n")
+        sys.stdout.flush()
+
+
+def _show_progress() -> None:
+    logger = logging.getLogger("lrsweep")
+    if not any(isinstance(h, _Progress) for h in logger.handlers):
+        logger.addHandler(_Progress())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from compression.errors import UserInputError
+
+    _show_progress()
 
     try:
         if args.command == "sources":

@@ -8,20 +8,24 @@ the stored rank plan (`compression.compress`); then, for a finetuned trial, the 
 checkpoint holds replace the rebuilt ones. The result goes through `compression.save_compressed`.
 
 Statistics missing from the cache are computed again from the stored sweep (as `lrsweep calibrate`
-would) when the sweep's settings still give the same key.
+would, without evaluating the dense model) when the sweep's settings still give the same key.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from compression.errors import UserInputError
-from sweeps.analysis import best_trial, find_trial, load_results
+from sweeps.analysis import best_trial, find_trial
 from sweeps.report import read_record
+from sweeps.table import load_results
+
+log = logging.getLogger("lrsweep")
 
 
 @dataclass
@@ -44,14 +48,14 @@ class Rebuilt:
 
 def choose(df: pd.DataFrame, trial: str | None = None, best: bool = False, max_ratio: float | None = None,
            min_ratio: float | None = None) -> pd.Series:
-    """The row `--trial ID` or `--best [--max-ratio R | --min-ratio R]` names."""
+    """The row of trial id `trial`, or the best one (`best`, optionally with a ratio bound)."""
     if (trial is None) == (not best):
-        raise UserInputError("name one trial: --trial ID, or --best (optionally with --max-ratio or --min-ratio)")
+        raise UserInputError("name one trial: a trial id, or the best trial (optionally with a max or min ratio)")
     if trial is not None and (max_ratio is not None or min_ratio is not None):
-        raise UserInputError("--max-ratio and --min-ratio choose among trials with --best; --trial names one")
-    for flag, value in (("--max-ratio", max_ratio), ("--min-ratio", min_ratio)):
+        raise UserInputError("a max or min ratio chooses among trials for the best one; a trial id names one")
+    for what, value in (("max ratio", max_ratio), ("min ratio", min_ratio)):
         if value is not None and not 0 <= value < 1:
-            raise UserInputError(f"{flag} {value:g} is outside [0, 1): it is the fraction of the targeted "
+            raise UserInputError(f"{what} {value:g} is outside [0, 1): it is the fraction of the targeted "
                                  f"parameters removed, e.g. 0.4")
     return find_trial(df, trial) if trial is not None else best_trial(df, max_ratio=max_ratio, min_ratio=min_ratio)
 
@@ -66,53 +70,54 @@ def _spec(directory: str):
     return parse_spec(record["spec"], origin=f"{directory}/sweep.json")
 
 
-def _cached(spec, key: str, log):
-    """(statistics, task-finetuned dense weights or None) of calibration key `key`, from the cache;
-    computed again when missing and the sweep's settings still give `key`."""
+def _statistics(spec, key: str):
+    """(statistics, task-finetuned dense weights or None, the loaded dense model or None) of
+    calibration key `key`: from the cache, else computed again when the sweep's settings still give
+    `key` (which loads the model, returned so it is not loaded twice)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from compression.calibration import CalibrationStats
-    from sweeps.runner import calibration_cache, calibration_key, prepare
+    from sweeps.prepare import calibration_cache, calibration_key, stats_for
 
     folder = calibration_cache()
     stats_path, dense_path = folder / f"{key}.safetensors", folder / f"{key}.dense.safetensors"
     classification = spec.task.type == "classification"
-    if not stats_path.is_file() or (classification and not dense_path.is_file()):
-        if calibration_key(spec) != key:
-            raise UserInputError(
-                f"the calibration statistics {key} of this trial are not in the cache ({folder}), and the "
-                f"sweep's model or data changed since (its settings now give key {calibration_key(spec)}), so "
-                f"they cannot be computed again; set LRSWEEP_CACHE to the cache the sweep used")
-        log(f"calibration statistics {key} are not in the cache: computing them again from the stored sweep")
-        prepare(spec, log=log)
-    with safe_open(str(stats_path), framework="pt") as f:
-        metadata = f.metadata()
-    stats = CalibrationStats.from_tensors(load_file(str(stats_path)), metadata)
-    dense = load_file(str(dense_path)) if classification else None
-    return stats, dense
+    if stats_path.is_file() and (dense_path.is_file() or not classification):
+        with safe_open(str(stats_path), framework="pt") as f:
+            metadata = f.metadata()
+        return (CalibrationStats.from_tensors(load_file(str(stats_path)), metadata),
+                load_file(str(dense_path)) if classification else None, None)
+    if calibration_key(spec) != key:
+        raise UserInputError(
+            f"the calibration statistics {key} of this trial are not in the cache ({folder}), and the "
+            f"sweep's model or data changed since (its settings now give key {calibration_key(spec)}), so "
+            f"they cannot be computed again; set LRSWEEP_CACHE to the cache the sweep used")
+    log.info(f"calibration statistics {key} are not in the cache: computing them again from the stored sweep")
+    prepared = stats_for(spec)
+    return prepared.stats, prepared.dense_state, prepared.loaded
 
 
 def _finetuned_weights(directory: str, row: pd.Series) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
-    from sweeps.results import read_file
+    from sweeps.storage import read_file
     from trainables.trial import CHECKPOINT_WEIGHTS
 
     folder = str(row["checkpoint"])
     data = read_file(directory, f"{folder}/{CHECKPOINT_WEIGHTS}")
     if data is None:
         raise UserInputError(f"the finetuned weights of trial {row['trial_id']} ({folder}/{CHECKPOINT_WEIGHTS}) "
-                             f"are missing from {directory}; pass --before-finetune to export the model as "
-                             f"compressed, before finetuning")
+                             f"are missing from {directory}; export the model as compressed, before finetuning "
+                             f"(before_finetune; --before-finetune on the command line)")
     return load(data)
 
 
-def rebuild(directory: str, row: pd.Series, before_finetune: bool = False, device: str = "cpu",
-            log=print) -> Rebuilt:
+def rebuild(directory: str, row: pd.Series, before_finetune: bool = False, device: str = "cpu") -> Rebuilt:
     """The model of trial `row` of the sweep folder `directory` (see the module docstring)."""
     from compression.allocation import RankPlan
     from compression.apply import compress, decompose_model
+    from compression.methods import method_config
     from trainables.sources import load_labelled, load_model
 
     directory = str(directory)
@@ -122,14 +127,15 @@ def rebuild(directory: str, row: pd.Series, before_finetune: bool = False, devic
     wants_finetuned = row["method"] != "dense" and not before_finetune and spec.finetune.steps > 0
     if wants_finetuned and row["status"] == "stopped":
         raise UserInputError(f"trial {trial} was stopped early during finetuning (ASHA), so its finetuned "
-                             f"weights were not saved; pass --before-finetune to export it as compressed")
+                             f"weights were not saved; export it as compressed, before finetuning "
+                             f"(before_finetune; --before-finetune on the command line)")
     if wants_finetuned and steps > 0 and not str(row["checkpoint"]):
         name = row["metric_name"]
         raise UserInputError(
             f"trial {trial} was finetuned ({steps} steps) but its finetuned weights were not kept: a sweep keeps "
             f"them for the best {spec.checkpoints.keep} trial(s) of each ratio (checkpoints.keep in the sweep "
-            f"file). Pass --before-finetune to export it as compressed, before finetuning ({name} "
-            f"{row['metric_compressed']:.4g} instead of {row['metric']:.4g}), or use --best")
+            f"file). Export it as compressed, before finetuning (before_finetune; --before-finetune on the command "
+            f"line: {name} {row['metric_compressed']:.4g} instead of {row['metric']:.4g}), or the best trial")
 
     task = spec.task.type
     label_names = None
@@ -137,8 +143,11 @@ def rebuild(directory: str, row: pd.Series, before_finetune: bool = False, devic
         settings = spec.task_settings()
         label_names = load_labelled(settings["train"], seed=spec.seed, text_column=settings["text_column"],
                                     label_column=settings["label_column"]).label_names
-    stats, dense_state = _cached(spec, str(row["calibration_key"]), log) if row["calibration_key"] else (None, None)
-    loaded = load_model(spec.model, task=task, num_labels=len(label_names) if label_names else None, seed=spec.seed)
+    stats, dense_state, loaded = _statistics(spec, str(row["calibration_key"])) if row["calibration_key"] \
+        else (None, None, None)
+    if loaded is None:
+        loaded = load_model(spec.model, task=task, num_labels=len(label_names) if label_names else None,
+                            seed=spec.seed)
     model = loaded.model
     if dense_state is not None:
         model.load_state_dict(dense_state)
@@ -150,12 +159,11 @@ def rebuild(directory: str, row: pd.Series, before_finetune: bool = False, devic
     if row["method"] != "dense":
         if stats is None:
             raise UserInputError(f"trial {trial} names no calibration statistics (calibration_key is empty)")
-        method = str(row["method"])
-        alpha = float(row["options"].get("alpha", 1.0))
+        method = method_config(str(row["method"]), **row["options"])
         plan = RankPlan.from_dict(row["rank_plan"])
         stats.check_matches(model)
-        decompositions = decompose_model(model, stats, method, alpha=alpha, device=device if device != "cpu" else None)
-        compress(model, stats, method, plan, decompositions=decompositions, alpha=alpha)
+        decompositions = decompose_model(model, stats, method, device=device if device != "cpu" else None)
+        compress(model, stats, method, plan, decompositions)
         del decompositions
         if wants_finetuned and steps > 0:
             trained = _finetuned_weights(directory, row)
@@ -173,21 +181,20 @@ def rebuild(directory: str, row: pd.Series, before_finetune: bool = False, devic
                    label_names=label_names)
 
 
-def export(directory: str, out: str | Path, trial: str | None = None, best: bool = False,
+def export_trial(directory: str, out: str | Path, trial: str | None = None, best: bool = False,
            max_ratio: float | None = None, min_ratio: float | None = None, before_finetune: bool = False,
-           device: str = "cpu", log=print) -> tuple[Path, Rebuilt]:
-    """`lrsweep export`: choose a trial, rebuild its model, write it with `save_compressed`."""
+           device: str = "cpu") -> tuple[Path, Rebuilt]:
+    """`lrsweep export`: choose a trial, rebuild its model, write it with `save_compressed`.
+    lowrank.json's "extra" holds the trial's whole row (`TrialRow`), the sweep folder, whether
+    the finetuned weights were loaded, and the metric of exactly this model."""
     from compression.io import save_compressed
+    from sweeps.table import row_of
 
     directory = str(directory)
     df = load_results(directory)
     row = choose(df, trial=trial, best=best, max_ratio=max_ratio, min_ratio=min_ratio)
-    built = rebuild(directory, row, before_finetune=before_finetune, device=device, log=log)
-    extra = {"trial_id": str(row["trial_id"]), "sweep": directory, "method": str(row["method"]),
-             "allocation": str(row["allocation"]), "options": row["options"],
-             "target_ratio": float(row["target_ratio"]), "achieved_ratio": float(row["achieved_ratio"]),
-             "metric_name": str(row["metric_name"]), "metric": built.metric, "finetuned": built.finetuned,
-             "calibration_key": str(row["calibration_key"])}
+    built = rebuild(directory, row, before_finetune=before_finetune, device=device)
+    extra = row_of(row).to_dict() | {"sweep": directory, "finetuned": built.finetuned, "metric": built.metric}
     path = save_compressed(built.model.to("cpu"), out, tokenizer=built.tokenizer, plan=built.plan, extra=extra)
     return path, built
 

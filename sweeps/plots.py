@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 
 import numpy as np
 import pandas as pd
@@ -168,53 +167,34 @@ def pareto_plot(df: pd.DataFrame) -> bytes | None:
 
 
 def plan_grid(plan: dict) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
-    """(blocks, layers within a block, kept fraction of each unit's parameters [blocks x layers],
-    rank or kept neurons [blocks x layers], -1 = left dense) of a rank plan dict. Units are placed
-    by the first number in their name (the block) and what follows it (e.g. "self_attn.q_proj";
-    "mlp" for `id`, whose rank is the number of kept neurons)."""
+    """(blocks, roles, kept fraction of each unit's parameters [blocks x roles], rank or kept
+    neurons [blocks x roles], -1 = left dense) of a rank plan dict. Units are placed by the block
+    and role the plan records for them (roles in the order they first appear: the order of the
+    layers in a block; role "mlp" is a whole MLP, whose rank is its number of kept neurons)."""
     cells: dict[tuple[int, str], tuple[float, int]] = {}
-    for unit, rank in plan.get("ranks", {}).items():
-        match = re.match(r"^(?:.*?\.)?(\d+)(?:\.(.+))?$", unit)
-        block, layer = (int(match.group(1)), match.group(2) or "block") if match else (0, unit)
-        dense = plan["dense_params"][unit]
-        kept = plan["params"][unit] / dense if dense else 1.0
-        cells[(block, layer)] = (kept, -1 if rank is None else int(rank))
+    for unit in plan.get("units") or []:
+        name, rank = unit["name"], plan["ranks"][unit["name"]]
+        dense = plan["dense_params"][name]
+        kept = plan["params"][name] / dense if dense else 1.0
+        cells[(int(unit["block"]), str(unit["role"]))] = (kept, -1 if rank is None else int(rank))
     blocks = sorted({b for b, _ in cells})
-    layers = sorted(dict.fromkeys(layer for _, layer in cells), key=_layer_order)
-    fraction = np.full((len(blocks), len(layers)), np.nan)
-    ranks = np.full((len(blocks), len(layers)), -2)  # -2: no such unit
-    for (block, layer), (kept, rank) in cells.items():
-        fraction[blocks.index(block), layers.index(layer)] = kept
-        ranks[blocks.index(block), layers.index(layer)] = rank
-    return blocks, layers, fraction, ranks
-
-
-# Usual order of the layers in a block, by the last part of their name (without "_proj").
-_ORDER = ("q", "query", "k", "key", "v", "value", "qkv", "c_attn", "query_key_value", "o", "out", "out_lin", "dense",
-          "gate", "w1", "up", "w3", "fc1", "c_fc", "lin1", "down", "w2", "fc2", "lin2", "c_proj")
-
-
-def _layer_order(layer: str) -> tuple[int, int]:
-    attention = any(word in layer for word in ("attn", "attention"))
-    leaf = layer.rsplit(".", 1)[-1].removesuffix("_proj")
-    return (0 if attention else 1, _ORDER.index(leaf) if leaf in _ORDER else len(_ORDER))
-
-
-def _short(layers: list[str]) -> list[str]:
-    """The last part of each layer name where that stays unique ("q_proj"), else the whole name."""
-    leaves = [layer.rsplit(".", 1)[-1] for layer in layers]
-    return leaves if len(set(leaves)) == len(leaves) else layers
+    roles = list(dict.fromkeys(role for _, role in cells))
+    fraction = np.full((len(blocks), len(roles)), np.nan)
+    ranks = np.full((len(blocks), len(roles)), -2)  # -2: no such unit
+    for (block, role), (kept, rank) in cells.items():
+        fraction[blocks.index(block), roles.index(role)] = kept
+        ranks[blocks.index(block), roles.index(role)] = rank
+    return blocks, roles, fraction, ranks
 
 
 def rank_heatmap(row: pd.Series) -> bytes | None:
-    """Heat map of one trial's rank plan over blocks x layers: colour = fraction of the layer's
+    """Heat map of one trial's rank plan over blocks x roles: colour = fraction of the layer's
     parameters kept, number = its rank (kept neurons for `id`; "dense" where it was left dense)."""
     plan = row["rank_plan"] if isinstance(row["rank_plan"], dict) else json.loads(row["rank_plan"] or "{}")
     if not plan.get("ranks"):
         return None
-    blocks, layers, fraction, ranks = plan_grid(plan)
-    names = _short(layers)
-    width = min(16.0, max(4.2, 2.2 + 0.95 * len(layers)))
+    blocks, names, fraction, ranks = plan_grid(plan)
+    width = min(16.0, max(4.2, 2.2 + 0.95 * len(names)))
     height = min(14.0, max(2.8, 1.5 + 0.32 * len(blocks)))
     fig, (axis,) = _figure(width, height)
     image = axis.imshow(np.ma.masked_invalid(fraction), aspect="auto", cmap="viridis", norm=Normalize(0, 1),
@@ -226,12 +206,12 @@ def rank_heatmap(row: pd.Series) -> bytes | None:
         text = "dense" if rank == -1 else str(rank)
         axis.text(c, b, text, ha="center", va="center", fontsize=fontsize,
                   color="black" if fraction[b, c] > 0.5 else "white")
-    axis.set_xticks(range(len(layers)), names, rotation=30 if max(map(len, names)) > 6 else 0, ha="right"
+    axis.set_xticks(range(len(names)), names, rotation=30 if max(map(len, names)) > 6 else 0, ha="right"
                     if max(map(len, names)) > 6 else "center", fontsize=8)
     step = max(1, len(blocks) // 16)
     axis.set_yticks(range(0, len(blocks), step), [str(b) for b in blocks[::step]], fontsize=8)
     axis.set_ylabel("block")
-    what = "kept neurons per MLP" if row["method"] == "id" else "rank per layer"
+    what = "kept neurons per MLP" if names == ["mlp"] else "rank per layer"
     axis.set_title(f"{row['method']} / {row['allocation']}, {100 * row['target_ratio']:.0f} % removed: {what}",
                    fontsize=9)
     colourbar = fig.colorbar(image, ax=axis, fraction=0.05, pad=0.02)

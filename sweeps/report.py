@@ -20,13 +20,13 @@ from sweeps.analysis import (
     best_of_each_method,
     best_per_method,
     best_per_ratio,
+    factorised,
     finished,
-    load_results,
     metric_name,
     pareto,
-    typed,
 )
-from sweeps.results import REPORT_FILE, SWEEP_FILE, read_file, write_file
+from sweeps.storage import REPORT_FILE, SWEEP_FILE, read_file, write_file
+from sweeps.table import load_results, typed
 
 METRIC_VS_RATIO = "metric_vs_ratio.png"
 PARETO = "pareto.png"
@@ -181,7 +181,7 @@ def _speed_section(df: pd.DataFrame, spec: dict | None) -> list[str]:
         listed = "; ".join(f"{_what(r)}: {_speedup(r['speedup'])} ({_ms(r['latency_ms_compressed'])} vs "
                            f"{_ms(r['latency_ms_dense'])} dense)" for _, r in slower.iterrows())
         lines.append(f"**Slower than dense in {len(slower)} of {len(ok)} trials**: {listed}.")
-        if (slower["method"] != "id").any():
+        if any(factorised(r) for _, r in slower.iterrows()):
             lines.append("Low rank replaces one matrix product by two thinner ones; with small ranks on small "
                          "matrices the extra kernel launches and memory passes cost more than the saved "
                          "arithmetic.")

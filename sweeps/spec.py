@@ -1,14 +1,10 @@
-"""The sweep file: its schema, its validation and its expansion into trial configs.
+"""The sweep file: its schema and its validation.
 
-A sweep file is YAML. Every section forbids unknown keys; every mistake becomes one
-`UserInputError` naming the field (e.g. ``grid[1].ratio[0]``) and what is allowed, before
-anything is started or written. `expand` turns a grid sweep into plain trial dicts (what
-`trainables.trial` receives) with a deterministic `trial_id`; an Optuna sweep becomes one
-base config plus the search space the launcher hands to Optuna.
-
-Resources: without a cluster address, a sweep may not ask for more CPUs or GPUs than the local
-machine has (one trial, or `max_concurrent` trials at once); with an address the cluster (and its
-autoscaler) decides, so that check is left to Ray.
+A sweep file is YAML, read with `yaml.safe_load`. Every section forbids unknown keys; every
+mistake becomes one `UserInputError` naming the field (e.g. ``grid[1].ratio[0]``) and what is
+allowed, before anything is started or written. Method names and their options are checked
+against the registry of `compression.methods` (a method's options are its config's fields).
+What the sweep runs (its trials) is `sweeps.trials`.
 """
 
 from __future__ import annotations
@@ -16,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import typing
@@ -28,19 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compression.allocation import ALLOCATIONS
 from compression.errors import UserInputError
-from compression.methods import METHODS
+from compression.methods import MethodConfig, method_config, registered
 from trainables.finetune import SCHEDULES
-from trainables.sources import packaged as packaged_sources
-from trainables.sources import tiny as tiny_models
-from trainables.trial import config_id
+from trainables import sources
 
 # Allocations a sweep file may list: those of `compression.allocation` except "explicit" (what
 # Optuna drives internally), plus "optuna" (needs an `optuna` section).
 GRID_ALLOCATIONS = tuple(a for a in ALLOCATIONS if a != "explicit") + ("optuna",)
-# Methods that read the option `alpha` (exponent of the neuron-importance weighting).
-ALPHA_METHODS = ("whiten-fd",)
 
-SCHEMES = ("packaged", "hf", "path", "tiny")
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
@@ -48,29 +38,11 @@ TASK_MODELS: dict[str, type[BaseModel]] = {}
 
 
 def check_source(source: str, kind: str) -> str:
-    """Cheap check of a source string of `kind` (model, text or labelled): scheme, packaged name,
-    tiny architecture, existing path. Nothing is loaded."""
-    scheme, sep, rest = source.partition(":")
-    if not sep or scheme not in SCHEMES:
-        raise ValueError(f"source {source!r} has no known scheme; allowed: {', '.join(s + ':' for s in SCHEMES)} "
-                         f"(`lrsweep sources` lists them)")
-    if not rest:
-        raise ValueError(f"source {source!r} names nothing after {scheme + ':'!r}")
-    if scheme == "packaged":
-        try:
-            packaged_sources.get(rest, kind)
-        except UserInputError as e:
-            raise ValueError(str(e)) from None
-    if scheme == "tiny":
-        if kind != "model":
-            raise ValueError(f"source {source!r}: tiny: names a model, not {kind} data")
-        if rest not in tiny_models.ARCHS:
-            raise ValueError(f"unknown tiny architecture {rest!r}; allowed: "
-                             f"{', '.join('tiny:' + a for a in tiny_models.ARCHS)}")
-    if scheme == "path" and not Path(rest).expanduser().exists():
-        raise ValueError(f"source {source!r}: no file or folder {rest!r} (relative paths start at "
-                         f"the current directory)")
-    return source
+    """`trainables.sources.check_source` as a pydantic validator (a ValueError names the field)."""
+    try:
+        return sources.check_source(source, kind)
+    except UserInputError as e:
+        raise ValueError(str(e)) from None
 
 
 class Section(BaseModel):
@@ -143,17 +115,22 @@ class Calibration(Section):
 
 
 class GridBlock(Section):
+    """One block of the grid: the product of its lists. `options` maps a method option (a field of
+    the method's config, e.g. whiten-fd's `alpha`) to the values to try; every method of the
+    block must have each option."""
+
     method: list[str] = Field(min_length=1)
     ratio: list[float] = Field(min_length=1)
     allocation: list[str] | None = Field(None, min_length=1, description="default: [uniform], or [optuna] in an Optuna sweep")
-    alpha: list[float] | None = Field(None, min_length=1)
+    options: dict[str, list[Any]] = Field(default_factory=dict)
 
     @field_validator("method")
     @classmethod
     def _methods(cls, v: list[str]) -> list[str]:
+        known = registered()
         for m in v:
-            if m not in METHODS:
-                raise ValueError(f"unknown method {m!r}; allowed: {', '.join(METHODS)}")
+            if m not in known:
+                raise ValueError(f"unknown method {m!r}; allowed: {', '.join(known)}")
         return _unique(v)
 
     @field_validator("ratio")
@@ -173,22 +150,44 @@ class GridBlock(Section):
                 raise ValueError(f"unknown allocation {a!r}; allowed: {', '.join(GRID_ALLOCATIONS)}")
         return v if v is None else _unique(v)
 
-    @field_validator("alpha")
+    @field_validator("options")
     @classmethod
-    def _alphas(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None:
-            for a in v:
-                if not (math.isfinite(a) and a >= 0):
-                    raise ValueError(f"alpha {a} must be a number >= 0 (0 = plain whitening)")
-        return v if v is None else _unique(v)
+    def _option_lists(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for name, values in v.items():
+            if not values:
+                raise ValueError(f"options.{name}: give at least one value")
+        return {name: _unique(values) for name, values in v.items()}
+
+    @model_validator(mode="after")
+    def _options_fit(self):
+        self.method_configs()  # every method takes every option value (raises naming it)
+        return self
+
+    def option_sets(self) -> list[dict]:
+        """Every combination of the option values (one empty set without options)."""
+        names = list(self.options)
+        return [dict(zip(names, values)) for values in itertools.product(*(self.options[n] for n in names))]
+
+    def method_configs(self) -> list[MethodConfig]:
+        """The distinct method configs of the block (methods x option sets; equal configs once)."""
+        configs: dict[str, MethodConfig] = {}
+        for method in self.method:
+            for options in self.option_sets():
+                try:
+                    config = method_config(method, **options)
+                except UserInputError as e:
+                    raise ValueError(f"options: {e}") from None
+                configs.setdefault(config.key, config)
+        return list(configs.values())
 
     def combinations(self) -> list[dict]:
+        """{"method", "ratio", "allocation", "options"} of every grid point, in file order
+        (options: the method's non-default options, so equal configs are one point)."""
         out = []
         for method, ratio, allocation in itertools.product(self.method, self.ratio, self.allocation or ["uniform"]):
-            alphas = self.alpha if (self.alpha and method in ALPHA_METHODS) else [None]
-            for alpha in alphas:
-                options = {} if alpha is None else {"alpha": alpha}
-                out.append({"method": method, "ratio": ratio, "allocation": allocation, "options": options})
+            for options in self.option_sets():
+                config = method_config(method, **options)
+                out.append({"method": method, "ratio": ratio, "allocation": allocation, "options": config.options()})
         return out
 
 
@@ -394,25 +393,6 @@ class SweepSpec(Section):
         f["seed"] = self.seed
         return f
 
-    def base_config(self) -> dict:
-        """What every trial of this sweep shares."""
-        task = self.task_settings()
-        latency = self.latency.model_dump(mode="json")
-        latency["seq_len"] = latency["seq_len"] or task.get("seq_len") or task.get("max_length")
-        return {"model": self.model, "task": task, "calibration": self.calibration_settings(),
-                "finetune": self.finetune_settings(), "seed": self.seed,
-                "resources": {"cpu": self.resources.cpu, "gpu": self.resources.gpu},
-                "latency": latency, "checkpoints": {"keep": self.checkpoints.keep}}
-
-    def decompositions(self) -> list[tuple[str, dict]]:
-        """The (method, options) pairs whose ratio-independent decompositions the sweep needs
-        (every grid combination, or every choice Optuna has)."""
-        seen = {}
-        for block in self.grid:
-            for c in block.combinations():
-                seen[(c["method"], json.dumps(c["options"], sort_keys=True))] = (c["method"], c["options"])
-        return list(seen.values())
-
     @property
     def spec_hash(self) -> str:
         """Identity of the sweep: everything that changes results (not name, storage, resources,
@@ -431,65 +411,6 @@ def _hash(obj: Any) -> str:
 
 def _at(loc: tuple, message: str) -> ValueError:
     return ValueError(f"{'.'.join(map(str, loc))}: {message}")
-
-
-# -- expansion ----------------------------------------------------------------------------------
-
-
-def expand(spec: SweepSpec) -> list[dict]:
-    """Trial configs of a grid sweep (the union of the grid blocks' products, duplicates dropped),
-    in file order; each carries its deterministic `trial_id`. An Optuna sweep has none up front."""
-    if spec.optuna is not None:
-        return []
-    base = spec.base_config()
-    trials = {}
-    for block in spec.grid:
-        for combo in block.combinations():
-            config = {**base, **combo}
-            config["trial_id"] = config_id(config)
-            trials.setdefault(config["trial_id"], config)
-    return list(trials.values())
-
-
-def optuna_choices(spec: SweepSpec) -> dict[str, list]:
-    """The grid values Optuna chooses among in an Optuna sweep (only lists with several values)."""
-    block = spec.grid[0]
-    choices = {"method": block.method, "ratio": block.ratio}
-    if block.alpha:
-        choices["alpha"] = block.alpha
-    return choices
-
-
-def trial_count(spec: SweepSpec) -> int:
-    return spec.optuna.trials if spec.optuna is not None else len(expand(spec))
-
-
-# -- resources ----------------------------------------------------------------------------------
-
-
-def local_resources() -> tuple[float, float]:
-    """CPUs and GPUs this machine offers a local Ray instance."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    import torch
-
-    return float(cpus), float(torch.cuda.device_count())
-
-
-def check_resources(spec: SweepSpec, cpus: float, gpus: float, where: str = "this machine") -> None:
-    """UserInputError when one trial, or `max_concurrent` trials at once, cannot fit."""
-    r = spec.resources
-    for kind, per_trial, available in (("cpu", r.cpu, cpus), ("gpu", r.gpu, gpus)):
-        if per_trial > available:
-            raise UserInputError(f"resources.{kind}: a trial asks for {per_trial:g} {kind.upper()}s but "
-                                 f"{where} has {available:g}; lower it, or pass --address to run on a cluster")
-        if r.max_concurrent and r.max_concurrent * per_trial > available:
-            raise UserInputError(
-                f"resources.max_concurrent: {r.max_concurrent} trials x {per_trial:g} {kind.upper()}s = "
-                f"{r.max_concurrent * per_trial:g} {kind.upper()}s, but {where} has {available:g}; allowed "
-                f"max_concurrent <= {int(available // per_trial)}, or pass --address to run on a cluster")
 
 
 # -- loading ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import yaml
 
 from sweeps import __version__
 from sweeps.cli import main
-from sweeps.runner import SWEEP_FILE
+from sweeps.storage import SWEEP_FILE
 
 GOOD = {
     "name": "t",

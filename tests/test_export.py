@@ -11,11 +11,13 @@ import pytest
 import torch
 
 import sweeps.runner as runner
+from sweeps import prepare
 from compression.io import load_compressed
-from sweeps.analysis import best_per_ratio, load_results
+from sweeps.analysis import best_per_ratio
 from sweeps.cli import main
-from sweeps.export import export, rebuild
+from sweeps.export import export_trial, rebuild
 from sweeps.spec import parse_spec
+from sweeps.table import load_results
 from test_sweep_e2e import corpus, env, ray_cluster, sweep  # noqa: F401 - the same fixtures
 from trainables.evaluation import evaluate, logits_of
 from trainables.trial import CHECKPOINT_WEIGHTS
@@ -43,8 +45,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def causal(ray_cluster, corpus, env):  # noqa: F811
     spec = sweep(corpus, env / "results", "causal", grid=GRID, finetune=FINETUNE)
-    out = runner.run_sweep(spec, log=lambda *a: None)
-    return spec, Path(out["directory"])
+    out = runner.run_sweep(spec)
+    return spec, Path(out.directory)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +70,8 @@ def classifier(causal, labelled, env):  # noqa: F811 - after the causal sweep (o
         "grid": {"method": ["whiten"], "ratio": [0.3]},
         "resources": {"cpu": 1}, "storage": str(env / "results"),
     })
-    out = runner.run_sweep(spec, log=lambda *a: None)
-    return spec, Path(out["directory"])
+    out = runner.run_sweep(spec)
+    return spec, Path(out.directory)
 
 
 def cli(capsys, *argv):
@@ -79,7 +81,7 @@ def cli(capsys, *argv):
 
 
 def eval_windows(spec, tokenizer) -> torch.Tensor:
-    return runner._draw_text(spec, tokenizer)["eval"]  # the windows the trials were evaluated on
+    return prepare.draw_text(spec, tokenizer)["eval"]  # the windows the trials were evaluated on
 
 
 def perplexity(model, spec, tokenizer) -> float:
@@ -126,7 +128,7 @@ def test_export_best_reloads_to_the_logits_and_metric_of_the_trial(causal, tmp_p
     assert info["plan"]["ranks"] == best["rank_plan"]["ranks"]
     assert sum(p.numel() for p in model.parameters()) == best["params_compressed"]
     # the saved folder gives exactly the logits of the model the export rebuilt ...
-    built = rebuild(str(folder), best, log=lambda *a: None)
+    built = rebuild(str(folder), best)
     ids = eval_windows(spec, tokenizer)
     with torch.inference_mode():
         assert torch.equal(logits_of(model(input_ids=ids)), logits_of(built.model(input_ids=ids)))
@@ -153,8 +155,7 @@ def test_a_trial_whose_weights_were_not_kept_exports_before_finetuning(causal, t
 
     # statistics gone from the cache: computed again from the stored sweep, same model
     monkeypatch.setenv("LRSWEEP_CACHE", str(tmp_path / "empty-cache"))
-    path, built = export(str(folder), tmp_path / "recomputed", trial=row["trial_id"], before_finetune=True,
-                         log=lambda *a: None)
+    path, built = export_trial(str(folder), tmp_path / "recomputed", trial=row["trial_id"], before_finetune=True)
     assert (tmp_path / "empty-cache" / "calibration" / f"{row['calibration_key']}.safetensors").is_file()
     again, _, _ = load_compressed(path)
     ids = eval_windows(spec, tokenizer)
@@ -211,7 +212,7 @@ def test_generate_and_classify_run_the_exports(causal, classifier, tmp_path, cap
     assert code == 0, err
     model, tokenizer, info = load_compressed(tmp_path / "cls")
     assert info["architecture"] == "BertForSequenceClassification" and info["method"] == "whiten"
-    data = runner._labelled(cls_spec)
+    data = prepare.labelled(cls_spec)
     accuracy = evaluate(model, "classification", data["eval"], tokenizer=tokenizer, max_length=32).value
     assert accuracy == row["metric"]
     code, out, err = cli(capsys, "classify", tmp_path / "cls", "great happy nice good")

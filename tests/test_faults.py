@@ -24,7 +24,8 @@ import psutil
 import pytest
 import ray
 
-from sweeps.spec import expand, load_spec
+from sweeps.spec import load_spec
+from sweeps.trials import expand
 
 sys.path.insert(0, str(Path(__file__).parent / "faults"))
 from fault_sweep import attempts, fault_env, write_sweep  # noqa: E402
@@ -56,7 +57,7 @@ def work(tmp_path, cache, monkeypatch):
         os.environ["LRSWEEP_TEST_FAULTS"] = fault_env(tmp_path, **spec)
 
     monkeypatch.setenv("LRSWEEP_TEST_FAULTS", "")
-    trials = [c["trial_id"] for c in expand(load_spec("sweep.yaml"))]
+    trials = [c.trial_id for c in expand(load_spec("sweep.yaml"))]
     yield tmp_path, faults, trials
     left = _ray_processes(ray_tmp)
     for p in left:
@@ -156,7 +157,7 @@ def test_crashed_trials_are_retried_then_recorded_as_failed(work):
     assert "failed trial attempt(s) run again" in (folder / "results" / "faults" / "report.md").read_text()
 
 
-def test_a_worker_node_lost_mid_sweep(work):
+def test_a_worker_node_lost_mid_sweep(work, caplog):
     """A head and two worker nodes of one CPU each; the first worker node is removed while a trial
     runs on it: Tune runs that trial again on a remaining node, and the sweep completes."""
     from ray.cluster_utils import Cluster
@@ -189,16 +190,16 @@ def test_a_worker_node_lost_mid_sweep(work):
         watcher.start()
         spec = load_spec("sweep.yaml")
         spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"max_concurrent": 3})})
-        lines: list[str] = []
-        out = run_sweep(spec, address=cluster.address, log=lines.append)
+        with caplog.at_level("INFO", logger="lrsweep"):
+            out = run_sweep(spec, address=cluster.address)
         watcher.join(timeout=10)
     finally:
         ray.shutdown()
         cluster.shutdown()
 
     assert "trial" in removed, "no trial ran on the node to remove"
-    _check_one_ok_row_per_trial(out["table"], TRIALS)
+    _check_one_ok_row_per_trial(out.table, TRIALS)
     again = [a for a in attempts(folder) if a["trial"] == removed["trial"]]
     assert len(again) == 2 and again[1]["node"] != victim.node_id  # run again, elsewhere
-    assert out["faults"]["retried"] >= 1 and out["faults"]["unfinished"] == 0
-    assert any("Tune retries it" in line for line in lines)
+    assert out.faults.retried >= 1 and out.faults.unfinished == 0
+    assert any("Tune retries it" in line for line in caplog.messages)

@@ -12,7 +12,7 @@ from tiny_models import tiny_batches, tiny_model
 from compression.apply import compress, decompose_model, plan_ranks
 from compression.calibration import collect_stats, estimate_stats_bytes
 from compression.errors import UserInputError
-from sweeps import runner
+from sweeps import prepare, runner, shared, tuning
 from sweeps.cli import main
 from sweeps.spec import parse_spec
 from trainables import trial
@@ -41,11 +41,11 @@ def test_limits_defaults_and_values():
 
 
 def test_limits_change_neither_the_sweep_hash_nor_the_trial_ids():
-    from sweeps.spec import expand
+    from sweeps.trials import expand
 
     plain, limited = parse_spec(BASE), spec(sweep_seconds=10, trial_seconds=5, retries=0)
     assert plain.spec_hash == limited.spec_hash
-    assert [c["trial_id"] for c in expand(plain)] == [c["trial_id"] for c in expand(limited)]
+    assert [c.trial_id for c in expand(plain)] == [c.trial_id for c in expand(limited)]
 
 
 @pytest.mark.parametrize("limits, field", [
@@ -69,22 +69,22 @@ def test_unknown_limit_lists_the_allowed_keys():
 # -- memory guard ---------------------------------------------------------------------------------
 
 
-def test_memory_guard_reports_and_passes_under_the_limit():
+def test_memory_guard_reports_and_passes_under_the_limit(caplog):
     model = tiny_model("llama")
     need = estimate_stats_bytes(model)
-    lines = []
-    assert runner.check_stats_memory(spec(stats_memory_gb=1.0), model, log=lines.append) == need
-    assert "calibration statistics:" in lines[0] and "estimated" in lines[0]
+    with caplog.at_level("INFO", logger="lrsweep"):
+        assert prepare.check_stats_memory(spec(stats_memory_gb=1.0), model) == need
+    assert "calibration statistics:" in caplog.messages[0] and "estimated" in caplog.messages[0]
 
 
 def test_memory_guard_default_is_half_the_available_memory(monkeypatch):
     model = tiny_model("llama")
     need = estimate_stats_bytes(model)
-    monkeypatch.setattr(runner, "available_memory", lambda: 2 * need + 2)
-    runner.check_stats_memory(spec(), model, log=lambda _: None)
-    monkeypatch.setattr(runner, "available_memory", lambda: 2 * need - 2)
+    monkeypatch.setattr(prepare, "available_memory", lambda: 2 * need + 2)
+    prepare.check_stats_memory(spec(), model)
+    monkeypatch.setattr(prepare, "available_memory", lambda: 2 * need - 2)
     with pytest.raises(UserInputError, match="half the memory available"):
-        runner.check_stats_memory(spec(), model, log=lambda _: None)
+        prepare.check_stats_memory(spec(), model)
 
 
 def test_the_estimate_is_what_calibration_returns():
@@ -97,8 +97,8 @@ def test_calibrate_over_the_limit_fails_up_front_with_exit_2(tmp_path, monkeypat
     """The estimate is printed, nothing is evaluated or calibrated, nothing is written."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LRSWEEP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(runner, "collect_stats", lambda *a, **k: pytest.fail("statistics computed"))
-    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: pytest.fail("dense model evaluated"))
+    monkeypatch.setattr(prepare, "collect_stats", lambda *a, **k: pytest.fail("statistics computed"))
+    monkeypatch.setattr(prepare, "evaluate", lambda *a, **k: pytest.fail("dense model evaluated"))
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({**BASE, "limits": {"stats_memory_gb": 1e-6}}))
     code = main(["calibrate", str(path)])
@@ -142,24 +142,30 @@ def test_ray_errors_are_retried():
 
 
 def _config():
-    from sweeps.spec import expand
+    from sweeps.trials import expand
 
     return expand(parse_spec(BASE))[0]
 
 
+def _shared():
+    return trial.Shared(stats=None, methods={}, decompositions={}, data=None)
+
+
 def test_a_deterministic_error_becomes_an_error_row(monkeypatch):
     reports = []
-    monkeypatch.setattr(trial._Row, "report", lambda self, checkpoint=None, **u: reports.append(u))
+    monkeypatch.setattr(trial.tune, "report", lambda result, checkpoint=None: reports.append(result))
     monkeypatch.setattr(trial, "_run", lambda *a: (_ for _ in ()).throw(UserInputError("no such rank")))
-    trial.trainable({"trial": _config()}, trial.Shared(stats=None, decompositions={}, data=None))
-    assert reports == [{"status": "error", "error": "UserInputError: no such rank", "metric": reports[0]["metric"]}]
+    trial.trainable({"trial": _config().to_dict()}, _shared())
+    assert len(reports) == 1
+    assert (reports[0]["status"], reports[0]["error"], reports[0]["trial_id"]) == \
+        ("error", "UserInputError: no such rank", _config().trial_id)
 
 
 def test_a_transient_error_goes_to_tune(monkeypatch):
-    monkeypatch.setattr(trial._Row, "report", lambda *a, **k: pytest.fail("reported an error row"))
+    monkeypatch.setattr(trial.tune, "report", lambda *a, **k: pytest.fail("reported an error row"))
     monkeypatch.setattr(trial, "_run", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
     with pytest.raises(torch.OutOfMemoryError):
-        trial.trainable({"trial": _config()}, trial.Shared(stats=None, decompositions={}, data=None))
+        trial.trainable({"trial": _config().to_dict()}, _shared())
 
 
 # -- what trials read of the statistics -------------------------------------------------------------
@@ -170,7 +176,7 @@ def test_trials_plan_and_compress_the_same_without_grams(method, allocation):
     model = tiny_model("llama")
     batches = tiny_batches(model)
     stats = collect_stats(model, batches, progress=False)
-    light = runner.trial_stats(stats)
+    light = shared.trial_stats(stats)
     assert not light.grams and not light.row_fisher and light.nbytes() < stats.nbytes() / 10
     decs = decompose_model(model, stats, method)
     full_plan = plan_ranks(model, stats, method, 0.4, allocation, decs)
@@ -205,46 +211,48 @@ class _StoppedByMemoryMonitor:
             raise RuntimeError(f"Caught unexpected exception: {e}") from e
 
 
-def test_a_trial_killed_by_the_memory_monitor_past_its_retries_is_recorded_failed(tmp_path, monkeypatch):
+def test_a_trial_killed_by_the_memory_monitor_past_its_retries_is_recorded_failed(tmp_path, monkeypatch, caplog):
     """Each stopped Tune run counts one failed attempt for the trials that were running; with
     retries = 1 the second kill records the trial as failed, and no Tuner is started for it again."""
     from types import SimpleNamespace
 
-    from sweeps.results import ResultsTable
+    from sweeps.table import ResultsTable
+    from trainables.contract import TrialRow
 
     s = spec(retries=1)
     config = _config()
-    victim = SimpleNamespace(trial_id="tune-1", config={"trial": config}, last_result=None)
-    table = ResultsTable(str(tmp_path), [{"trial_id": "dense", "method": "dense", "status": "ok"}])
+    victim = SimpleNamespace(trial_id="tune-1", config={"trial": config.to_dict()}, last_result=None)
+    table = ResultsTable(str(tmp_path), [TrialRow(trial_id="dense", method="dense", status="ok")])
     started = []
 
-    def fake_tuner(spec_, prepared, shared, directory, table_, final, log, time_budget=None, restore_search=False):
-        if any(r["trial_id"] == config["trial_id"] for r in final):
-            return None  # what _tuner does when every trial has a row
-        callback = runner.ResultsCallback(table_, 1, log)
+    def fake_tuner(spec_, prepared, shared_, directory, table_, final, time_budget=None, restore_search=False,
+                   callbacks=None):
+        if any(r.trial_id == config.trial_id for r in final):
+            return None  # what make_tuner does when every trial has a row
+        callback = tuning.ResultsCallback(table_, 1)
         callback.running = {victim.trial_id: victim}
         started.append(1)
         return _StoppedByMemoryMonitor(), callback
 
-    monkeypatch.setattr(runner, "_tuner", fake_tuner)
-    lines = []
-    faults = runner._run_trials(s, None, None, str(tmp_path), table, lines.append, None, restore_search=False)
-    assert len(started) == 2 and faults["restarts"] == 2 and faults["retried"] == 1
-    row = table.rows[config["trial_id"]]
-    assert row["status"] == "error"
-    assert row["error"] == "1 worker(s) were killed due to the node running low on memory. (2 attempts)"
-    assert "Tune started again 2 time(s)" in faults["text"]
-    assert sum("Tune stopped: 1 worker(s) were killed" in line for line in lines) == 2
+    monkeypatch.setattr(runner, "make_tuner", fake_tuner)
+    with caplog.at_level("INFO", logger="lrsweep"):
+        faults = runner.run_trials(s, None, None, str(tmp_path), table, None, restore_search=False)
+    assert len(started) == 2 and faults.restarts == 2 and faults.retried == 1
+    row = table.rows[config.trial_id]
+    assert row.status == "error"
+    assert row.error == "1 worker(s) were killed due to the node running low on memory. (2 attempts)"
+    assert "Tune started again 2 time(s)" in faults.describe()
+    assert sum("Tune stopped: 1 worker(s) were killed" in line for line in caplog.messages) == 2
 
 
 def test_other_errors_of_a_tune_run_are_not_swallowed(tmp_path, monkeypatch):
-    from sweeps.results import ResultsTable
+    from sweeps.table import ResultsTable
 
     class Broken:
         def fit(self):
             raise RuntimeError("a bug in a callback")
 
     table = ResultsTable(str(tmp_path), [])
-    monkeypatch.setattr(runner, "_tuner", lambda *a, **k: (Broken(), runner.ResultsCallback(table, 1, print)))
+    monkeypatch.setattr(runner, "make_tuner", lambda *a, **k: (Broken(), tuning.ResultsCallback(table, 1)))
     with pytest.raises(RuntimeError, match="a bug in a callback"):
-        runner._run_trials(spec(), None, None, str(tmp_path), table, print, None, restore_search=False)
+        runner.run_trials(spec(), None, None, str(tmp_path), table, None, restore_search=False)

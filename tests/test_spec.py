@@ -7,14 +7,9 @@ import pytest
 import yaml
 
 from compression.errors import UserInputError
-from sweeps.spec import (
-    check_resources,
-    expand,
-    load_spec,
-    optuna_choices,
-    parse_spec,
-    trial_count,
-)
+from trainables.contract import TrialConfig
+from sweeps.spec import load_spec, parse_spec
+from sweeps.trials import check_resources, expand, method_configs, optuna_choices, trial_count
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "sweeps" / "examples"
 
@@ -47,49 +42,63 @@ def test_examples_validate_with_their_trial_counts():
 def test_expansion_is_the_union_of_the_blocks_without_duplicates():
     spec = parse_spec(spec_with(grid=[
         {"method": ["svd", "whiten-fd"], "ratio": [0.2, 0.4]},
-        {"method": ["whiten-fd"], "ratio": [0.2, 0.4], "allocation": ["uniform", "spectrum"], "alpha": [0.5, 1.0]},
+        {"method": ["whiten-fd"], "ratio": [0.2, 0.4], "allocation": ["uniform", "spectrum"],
+         "options": {"alpha": [0.5, 1.0]}},
     ]))
     trials = expand(spec)
-    # block 1: 4 trials; block 2: 2 ratios x 2 allocations x 2 alphas = 8, none equal to block 1's
-    # (those have no alpha option)
-    assert len(trials) == 12
-    combos = {(t["method"], t["ratio"], t["allocation"], t["options"].get("alpha")) for t in trials}
+    # block 1: 4 trials; block 2: 2 ratios x 2 allocations x 2 alphas = 8, of which the 2 uniform
+    # ones with alpha 1.0 (the default) are block 1's whiten-fd trials
+    assert len(trials) == 10
+    combos = {(t.method, t.ratio, t.allocation, t.options.get("alpha")) for t in trials}
     assert ("whiten-fd", 0.4, "spectrum", 0.5) in combos and ("svd", 0.2, "uniform", None) in combos
-    assert len({t["trial_id"] for t in trials}) == 12
+    assert ("whiten-fd", 0.4, "spectrum", None) in combos  # alpha 1.0 is the default: no option
+    assert len({t.trial_id for t in trials}) == 10
 
 
-def test_alpha_applies_only_to_methods_that_read_it_and_duplicates_collapse():
-    spec = parse_spec(spec_with(grid=[grid(method=["svd", "whiten-fd"], alpha=[0.5, 1.0]),
-                                      grid(method=["svd"])]))
+def test_an_option_a_method_lacks_is_an_error_naming_its_options():
+    with pytest.raises(UserInputError, match=r"grid\[0\].*method 'svd' has no option 'alpha'; its options: none"):
+        parse_spec(spec_with(grid=[grid(method=["svd", "whiten-fd"], options={"alpha": [0.5, 1.0]})]))
+    with pytest.raises(UserInputError, match=r"method 'whiten-fd' has no option 'beta'; its options: clamp, alpha, eps"):
+        parse_spec(spec_with(grid=[grid(method=["whiten-fd"], options={"beta": [1]})]))
+    with pytest.raises(UserInputError, match=r"option alpha must be a finite number >= 0"):
+        parse_spec(spec_with(grid=[grid(method=["whiten-fd"], options={"alpha": [-1]})]))
+
+
+def test_equal_method_configs_are_one_trial():
+    """whiten-fd without alpha, with alpha 1.0 (the default) and with alpha 1 are the same trial."""
+    spec = parse_spec(spec_with(grid=[grid(method=["whiten-fd"]), grid(method=["whiten-fd"], options={"alpha": [1.0]}),
+                                      grid(method=["whiten-fd"], options={"alpha": [1, 0.5]})]))
     trials = expand(spec)
-    assert sorted((t["method"], t["options"].get("alpha")) for t in trials) == [
-        ("svd", None), ("whiten-fd", 0.5), ("whiten-fd", 1.0)]
+    assert sorted(str(t.options) for t in trials) == ["{'alpha': 0.5}", "{}"]
+    assert [m.key for m in method_configs(spec)] == ["whiten-fd{}", 'whiten-fd{"alpha":0.5}']
 
 
 def test_trial_ids_are_deterministic_and_depend_on_what_changes_results():
     spec = parse_spec(spec_with(grid=grid(ratio=[0.2, 0.4])))
-    ids = [t["trial_id"] for t in expand(spec)]
-    assert ids == [t["trial_id"] for t in expand(parse_spec(spec_with(grid=grid(ratio=[0.2, 0.4]))))]
+    ids = [t.trial_id for t in expand(spec)]
+    assert ids == [t.trial_id for t in expand(parse_spec(spec_with(grid=grid(ratio=[0.2, 0.4]))))]
     assert all(len(i) == 12 and int(i, 16) >= 0 for i in ids)
     # where results go and how many run at once do not change a trial
     moved = parse_spec(spec_with(grid=grid(ratio=[0.2, 0.4]), name="other", storage="elsewhere",
                                  resources={"cpu": 2, "max_concurrent": 1}))
-    assert [t["trial_id"] for t in expand(moved)] == ids
+    assert [t.trial_id for t in expand(moved)] == ids
     assert moved.spec_hash == spec.spec_hash
     # what a trial computes does
     tuned = parse_spec(spec_with(grid=grid(ratio=[0.2, 0.4]), finetune={"steps": 5}))
-    assert not set(ids) & {t["trial_id"] for t in expand(tuned)}
+    assert not set(ids) & {t.trial_id for t in expand(tuned)}
     assert tuned.spec_hash != spec.spec_hash
 
 
 def test_trial_config_is_plain_and_complete():
     spec = parse_spec(spec_with(calibration={"samples": 8, "batch_size": 2}, finetune={"steps": 3, "lr": 1e-4}))
     (trial,) = expand(spec)
-    assert trial["method"] == "svd" and trial["ratio"] == 0.2 and trial["allocation"] == "uniform"
-    assert trial["calibration"] == {"source": "packaged:lee", "samples": 8, "seq_len": 64, "batch_size": 2, "seed": 0}
-    assert trial["task"]["train"] == "packaged:lee"  # finetuning text defaults to the calibration source
-    assert trial["finetune"]["steps"] == 3 and trial["finetune"]["train"] == "all"
-    assert yaml.safe_load(yaml.safe_dump(trial)) == trial  # nothing but plain data
+    assert trial.method == "svd" and trial.ratio == 0.2 and trial.allocation == "uniform"
+    assert trial.calibration == {"source": "packaged:lee", "samples": 8, "seq_len": 64, "batch_size": 2, "seed": 0}
+    assert trial.task["train"] == "packaged:lee"  # finetuning text defaults to the calibration source
+    assert trial.finetune["steps"] == 3 and trial.finetune["train"] == "all"
+    plain = trial.to_dict()
+    assert yaml.safe_load(yaml.safe_dump(plain)) == plain  # what travels through Tune: nothing but plain data
+    assert TrialConfig.from_dict(plain) == trial and TrialConfig.from_dict({"trial": plain}).trial_id == trial.trial_id
 
 
 def test_optuna_sweep_has_choices_and_no_grid_trials():
@@ -97,6 +106,9 @@ def test_optuna_sweep_has_choices_and_no_grid_trials():
                                 optuna={"trials": 7, "objective": ["metric", "size"]}))
     assert expand(spec) == [] and trial_count(spec) == 7
     assert optuna_choices(spec) == {"method": ["whiten", "whiten-fd"], "ratio": [0.2, 0.5]}
+    with_options = parse_spec(spec_with(grid=grid(method=["whiten-fd"], options={"alpha": [0.5, 1.0]}),
+                                        optuna={"trials": 2}))
+    assert optuna_choices(with_options)["option/alpha"] == [0.5, 1.0]
 
 
 BAD = {

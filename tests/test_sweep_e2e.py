@@ -10,10 +10,12 @@ import pandas as pd
 import pytest
 import ray
 
+import sweeps.prepare as prepare
 import sweeps.runner as runner
 import trainables.trial
-from sweeps.results import COLUMNS
-from sweeps.spec import expand, parse_spec
+from sweeps.spec import parse_spec
+from sweeps.table import COLUMNS
+from sweeps.trials import expand
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -74,17 +76,17 @@ GRID = [
 @pytest.fixture(scope="module")
 def grid_run(ray_cluster, corpus, env):
     calls = []
-    original = runner.collect_stats
+    original = prepare.collect_stats
 
     def counting(*args, **kw):
         calls.append(1)
         return original(*args, **kw)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(runner, "collect_stats", counting)
+    mp.setattr(prepare, "collect_stats", counting)
     try:
         spec = sweep(corpus, env / "results", "grid", grid=GRID)
-        out = runner.run_sweep(spec, log=lambda *a: None)
+        out = runner.run_sweep(spec)
     finally:
         mp.undo()
     return spec, out, len(calls)
@@ -92,9 +94,9 @@ def grid_run(ray_cluster, corpus, env):
 
 def test_every_column_of_the_table(grid_run):
     spec, out, _ = grid_run
-    df = pd.read_parquet(f"{out['directory']}/trials.parquet")
+    df = pd.read_parquet(f"{out.directory}/trials.parquet")
     assert list(df.columns) == list(COLUMNS)
-    trials = {c["trial_id"]: c for c in expand(spec)}
+    trials = {c.trial_id: c for c in expand(spec)}
     assert set(df["trial_id"]) == set(trials) | {"dense"}
     dense = df.set_index("trial_id").loc["dense"]
     ok = df[(df["status"] == "ok") & (df["method"] != "dense")]
@@ -108,8 +110,8 @@ def test_every_column_of_the_table(grid_run):
 
     for row in ok.itertuples():
         config = trials[row.trial_id]
-        assert (row.method, row.ratio, row.allocation) == (config["method"], config["ratio"], config["allocation"])
-        assert json.loads(row.options) == config["options"] and row.group_ratios == "{}"
+        assert (row.method, row.ratio, row.allocation) == (config.method, config.ratio, config.allocation)
+        assert json.loads(row.options) == config.options and row.group_ratios == "{}"
         assert row.error == ""
         assert row.target_ratio == 0.3 and abs(row.achieved_ratio - 0.3) <= 0.01
         assert row.params_dense == dense["params_dense"] and row.params_compressed < row.params_dense
@@ -131,35 +133,35 @@ def test_every_column_of_the_table(grid_run):
 
 def test_a_failing_trial_leaves_an_error_row(grid_run):
     _, out, _ = grid_run
-    df = out["table"]
+    df = out.table
     failed = df[df["status"] == "error"]
     assert len(failed) == 1
     row = failed.iloc[0]
     assert row["ratio"] == 0.99 and "cannot be reached" in row["error"] and "UserInputError" in row["error"]
     assert pd.isna(row["metric"]) and pd.isna(row["params_compressed"])
-    report = open(out["report"]).read()
+    report = open(out.report).read()
     assert "## Errors" in report and row["trial_id"] in report and "## Best trial per ratio" in report
-    assert (Path(out["directory"]) / "metric_vs_ratio.png").stat().st_size > 1000
+    assert (Path(out.directory) / "metric_vs_ratio.png").stat().st_size > 1000
 
 
 def test_calibration_ran_once_and_is_shared(grid_run):
     _, out, calls = grid_run
     assert calls == 1
-    assert not out["calibration_cached"]
+    assert not out.calibration_cached
     assert not hasattr(trainables.trial, "collect_stats")  # trials have no way to calibrate
-    df = out["table"]
-    assert df["calibration_key"].nunique() == 1 and df["calibration_key"].iloc[0] == out["calibration_key"]
+    df = out.table
+    assert df["calibration_key"].nunique() == 1 and df["calibration_key"].iloc[0] == out.calibration_key
 
 
 def test_optuna_study_reuses_the_cached_statistics(grid_run, corpus, env, monkeypatch):
     _, grid_out, _ = grid_run
-    monkeypatch.setattr(runner, "collect_stats", lambda *a, **k: pytest.fail("statistics recomputed"))
+    monkeypatch.setattr(prepare, "collect_stats", lambda *a, **k: pytest.fail("statistics recomputed"))
     spec = sweep(corpus, env / "results", "optuna",
                  grid={"method": ["whiten-fd", "svd"], "ratio": [0.3], "allocation": ["optuna"]},
                  optuna={"trials": 3, "granularity": "role", "bounds": [0.1, 0.7], "sampler": "random"})
-    out = runner.run_sweep(spec, log=lambda *a: None)
-    assert out["calibration_cached"] and out["calibration_key"] == grid_out["calibration_key"]
-    df = out["table"]
+    out = runner.run_sweep(spec)
+    assert out.calibration_cached and out.calibration_key == grid_out.calibration_key
+    df = out.table
     trials = df[df["method"] != "dense"]
     assert len(trials) == 3 and set(trials["status"]) == {"ok"} and set(trials["allocation"]) == {"optuna"}
     roles = {"q", "k", "v", "o", "gate", "up", "down"}
@@ -170,22 +172,23 @@ def test_optuna_study_reuses_the_cached_statistics(grid_run, corpus, env, monkey
     assert trials["trial_id"].nunique() == 3
 
 
-def test_a_resumed_optuna_study_goes_on_from_its_saved_state(grid_run, corpus, env):
+def test_a_resumed_optuna_study_goes_on_from_its_saved_state(grid_run, corpus, env, caplog):
     """The last trial of a finished study is dropped from the table, as if the driver had died
     while it ran: --resume keeps the others, restores the study from Tune's saved searcher
     state, and runs one trial to reach the study's size."""
     spec = sweep(corpus, env / "results", "optuna-resume",
                  grid={"method": ["whiten-fd"], "ratio": [0.3], "allocation": ["optuna"]},
                  optuna={"trials": 3, "granularity": "role", "bounds": [0.1, 0.7], "sampler": "tpe"})
-    first = runner.run_sweep(spec, log=lambda *a: None)["table"]
+    first = runner.run_sweep(spec).table
     path = Path(env / "results" / "optuna-resume" / "trials.parquet")
     dropped = first.iloc[-1]["trial_id"]
     first[first["trial_id"] != dropped].to_parquet(path, index=False)
-    lines = []
-    out = runner.run_sweep(spec, resume=True, log=lines.append)
+    with caplog.at_level("INFO", logger="lrsweep"):
+        out = runner.run_sweep(spec, resume=True)
+    lines = caplog.messages
     assert "resume: keeping 2 finished trial(s)" in " ".join(lines)
     assert any(line.startswith("resume: the Optuna study goes on from its saved state") for line in lines)
-    trials = out["table"][out["table"]["method"] != "dense"]
+    trials = out.table[out.table["method"] != "dense"]
     assert len(trials) == 3 and trials["trial_id"].is_unique and set(trials["status"]) == {"ok"}
     kept = first[(first["trial_id"] != dropped) & (first["method"] != "dense")]
     assert set(kept["trial_id"]) < set(trials["trial_id"])
@@ -193,11 +196,11 @@ def test_a_resumed_optuna_study_goes_on_from_its_saved_state(grid_run, corpus, e
 
 def test_resume_keeps_finished_trials_and_reuses_the_statistics(grid_run, monkeypatch):
     spec, first, _ = grid_run
-    monkeypatch.setattr(runner, "collect_stats", lambda *a, **k: pytest.fail("statistics recomputed"))
-    out = runner.run_sweep(spec, resume=True, log=lambda *a: None)
-    assert out["calibration_cached"]
-    before = first["table"].set_index("trial_id")
-    after = out["table"].set_index("trial_id")
+    monkeypatch.setattr(prepare, "collect_stats", lambda *a, **k: pytest.fail("statistics recomputed"))
+    out = runner.run_sweep(spec, resume=True)
+    assert out.calibration_cached
+    before = first.table.set_index("trial_id")
+    after = out.table.set_index("trial_id")
     ok = before.index[(before["status"] == "ok") & (before["method"] != "dense")]
     pd.testing.assert_frame_equal(after.loc[ok], before.loc[ok])
     # the failed trial ran again (and failed again)

@@ -1,12 +1,13 @@
 """What one Tune trial does: compress the dense model with one method, ratio and allocation,
 evaluate, finetune, evaluate again, and `tune.report` after every evaluation.
 
-The trial receives plain dicts (its config) and a `Shared` bundle of Ray object refs that the
-launcher put once: the calibration statistics, the ratio-independent decompositions of each
-method, the token windows / labelled examples, and (classification) the task-finetuned dense
-weights. Nothing here parses a sweep file or recomputes what is shared.
+The trial receives its config (a `TrialConfig`, as a plain dict through Tune) and a `Shared`
+bundle of Ray object refs that the launcher put once: the calibration statistics, each method's
+config and ratio-independent decompositions, the token windows / labelled examples, and
+(classification) the task-finetuned dense weights. Nothing here parses a sweep file or
+recomputes what is shared.
 
-Every report carries the full row of the results table (see `_Row`). Failures:
+Every report carries the full row of the results table (`trainables.contract.TrialRow`). Failures:
 
 - a mistake in the input (`UserInputError`: a rank plan that cannot be met, a bad option) and any
   other Python exception from the trial's own code is deterministic (same config, same seed, same
@@ -29,7 +30,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import gc
-import hashlib
 import json
 import math
 import os
@@ -47,42 +47,27 @@ from torch import nn
 
 from compression.apply import compress, plan_ranks
 from compression.errors import UserInputError
+from trainables.contract import TrialConfig, TrialRow
 from trainables.evaluation import device_label, evaluate, forward_latency, latency_inputs
 from trainables.finetune import FinetuneConfig, finetune
 from trainables.sources import LoadedModel, load_model
 
-# Keys of the trial config that do not change its results (left out of the trial id).
-_NOT_IDENTITY = ("trial_id", "resources", "latency", "checkpoints")
 CHECKPOINT_WEIGHTS = "weights.safetensors"  # the finetuned parameters, in a trial's Tune checkpoint
-
-
-def config_id(config: dict) -> str:
-    """Deterministic id of a trial config: a hash of everything that changes its results."""
-    body = {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
-    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def trial_key(config: dict) -> str:
-    """The `trial_id` column of a trial: the sweep's id for it (grid) or its config's hash (Optuna)."""
-    return config.get("trial_id") or config_id(config)
-
-
-def decomposition_key(method: str, options: dict) -> str:
-    """Key of the shared decompositions of `method` with `options` (alpha changes them)."""
-    return f"{method}{json.dumps(options, sort_keys=True, separators=(',', ':'))}"
 
 
 @dataclass
 class Shared:
     """What the launcher computed once and every trial reads (object refs, plus their costs).
 
+    methods: method key -> its MethodConfig (a trial plans and compresses with it);
+    decompositions: method key -> object ref of its decompositions.
     data: {"eval": ..., "train": ...} (token windows [N, T] or (text, label) lists) and
     "num_labels" (classification). dense_state: weights of the task-finetuned dense classifier,
     None when the trials start from the model as loaded.
     """
 
     stats: Any  # CalibrationStats without Grams and Fisher vectors (a trial plans and checks only)
+    methods: dict[str, Any]
     decompositions: dict[str, Any]
     data: Any
     dense_state: Any = None
@@ -91,6 +76,14 @@ class Shared:
     seconds_calibration: float = 0.0
     seconds_decompose: dict[str, float] = field(default_factory=dict)
     calibration_key: str = ""
+
+    def first_row(self, config: TrialConfig) -> TrialRow:
+        """The trial's row before it has measured anything: the shared figures filled in."""
+        return TrialRow.for_trial(
+            config, params_dense=self.params_dense, metric_dense=self.metric_dense, finetune_steps=0,
+            seconds_calibration=self.seconds_calibration,
+            seconds_decompose=self.seconds_decompose.get(config.method_key, math.nan),
+            seconds_compress=0.0, seconds_eval=0.0, seconds_finetune=0.0, calibration_key=self.calibration_key)
 
 
 # Dense models already loaded by this worker process, keyed by (source, task, num_labels, seed):
@@ -132,49 +125,11 @@ def _set_trainable(model: nn.Module, which: str, plan_units: list[str]) -> None:
         model.get_submodule(name).requires_grad_(True)
 
 
-class _Row:
-    """The results row of one trial, reported to Tune after every evaluation."""
-
-    def __init__(self, config: dict, shared: Shared) -> None:
-        self.values: dict[str, Any] = {
-            # Tune overwrites "trial_id" in every result with its own id: ours travels as "config_id"
-            "config_id": trial_key(config),
-            "status": "running",
-            "error": "",
-            "stage": "setup",
-            "step": 0,
-            "method": config["method"],
-            "ratio": float(config["ratio"]),
-            "allocation": config["allocation"],
-            "options": json.dumps(config.get("options", {}), sort_keys=True),
-            "group_ratios": json.dumps(config.get("group_ratios") or {}, sort_keys=True),
-            "target_ratio": float(config["ratio"]),
-            "achieved_ratio": math.nan,
-            "params_dense": shared.params_dense,
-            "params_compressed": None,
-            "size_mb": math.nan,
-            "metric_name": "perplexity" if config["task"]["type"] == "causal-lm" else "accuracy",
-            "metric": math.nan,
-            "metric_compressed": math.nan,
-            "metric_finetuned": math.nan,
-            "metric_dense": shared.metric_dense,
-            "finetune_steps": 0,
-            "finetune_loss": math.nan,
-            "seconds_calibration": shared.seconds_calibration,
-            "seconds_decompose": shared.seconds_decompose.get(
-                decomposition_key(config["method"], config.get("options", {})), math.nan),
-            "seconds_compress": 0.0,
-            "seconds_eval": 0.0,
-            "seconds_finetune": 0.0,
-            "rank_plan": "{}",
-            "calibration_key": shared.calibration_key,
-            "latency_device": "", "latency_batch": None, "latency_seq_len": None,
-            "latency_ms_dense": math.nan, "latency_ms_compressed": math.nan, "speedup": math.nan,
-        }
-
-    def report(self, checkpoint=None, **updates) -> None:
-        self.values.update(updates)
-        tune.report(dict(self.values), checkpoint=checkpoint)
+def _report(row: TrialRow, stage: str, step: int = 0, checkpoint=None, **updates) -> None:
+    """Update the row and report it to Tune (with the stage and step, which are not columns)."""
+    for name, value in updates.items():
+        setattr(row, name, value)
+    tune.report(row.to_dict() | {"stage": stage, "step": step}, checkpoint=checkpoint)
 
 
 def _latency(model: nn.Module, dense: nn.Module, settings: dict | None, device: torch.device) -> dict:
@@ -212,17 +167,16 @@ def trainable(config: dict, shared: Shared) -> None:
     """Tune function trainable (wrap with `tune.with_parameters(trainable, shared=...)`).
 
     Grid sweeps pass each whole trial config as one grid value under "trial"; Optuna sweeps pass
-    it flat (constants plus what Optuna chose)."""
-    config = config.get("trial", config)
-    row = _Row(config, shared)
+    it flat (constants plus what Optuna chose): `TrialConfig.from_dict` reads both."""
+    trial = TrialConfig.from_dict(config)
+    row = shared.first_row(trial)
     try:
-        _run(config, shared, row)
+        _run(trial, shared, row)
     except Exception as e:  # noqa: BLE001 - any failure becomes an error row; the sweep goes on
         if retryable(e):
             raise  # Tune retries the trial (limits.retries), then records it as failed
-        message = f"{type(e).__name__}: {e}"
-        print(f"trial {row.values['config_id']} failed:\n{traceback.format_exc()}", flush=True)
-        row.report(status="error", error=message, metric=math.nan)
+        print(f"trial {row.trial_id} failed:\n{traceback.format_exc()}", flush=True)
+        _report(row, "final", status="error", error=f"{type(e).__name__}: {e}", metric=math.nan)
     finally:
         _release_memory()
 
@@ -244,75 +198,76 @@ def _release_memory() -> None:
             pass
 
 
-def _run(config: dict, shared: Shared, row: _Row) -> None:
-    task = config["task"]
-    cpus = max(1, int(config.get("resources", {}).get("cpu", 1)))
-    torch.set_num_threads(cpus)
-    torch.manual_seed(config["seed"])
-    gpu = config.get("resources", {}).get("gpu", 0) > 0 and torch.cuda.is_available()
+def _run(config: TrialConfig, shared: Shared, row: TrialRow) -> None:
+    """The stages of a trial: plan and compress, measure latency, evaluate, finetune, evaluate."""
+    task = config.task
+    torch.set_num_threads(max(1, int(config.resources.get("cpu", 1))))
+    torch.manual_seed(config.seed)
+    gpu = config.resources.get("gpu", 0) > 0 and torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
 
     data = ray.get(shared.data)
     stats = ray.get(shared.stats)
-    method, options = config["method"], config.get("options", {})
-    decompositions = ray.get(shared.decompositions[decomposition_key(method, options)])
-    loaded = _dense_model(_from_launch_dir(config["model"]), task["type"], data.get("num_labels"), config["seed"])
+    method = shared.methods[config.method_key]
+    decompositions = ray.get(shared.decompositions[config.method_key])
+    loaded = _dense_model(_from_launch_dir(config.model), task["type"], data.get("num_labels"), config.seed)
     model = copy.deepcopy(loaded.model)
     if shared.dense_state is not None:
         model.load_state_dict(ray.get(shared.dense_state))
 
     start = time.perf_counter()
-    if config["allocation"] == "optuna":
-        plan = plan_ranks(model, stats, method, config["ratio"], "explicit", decompositions,
-                          group_ratios=config["group_ratios"], granularity=config["granularity"])
+    if config.allocation == "optuna":
+        plan = plan_ranks(model, stats, method, config.ratio, "explicit", decompositions,
+                          group_ratios=config.group_ratios, granularity=config.granularity)
     else:
-        plan = plan_ranks(model, stats, method, config["ratio"], config["allocation"], decompositions)
+        plan = plan_ranks(model, stats, method, config.ratio, config.allocation, decompositions)
     if device.type != "cpu":  # compress on the trial's GPU: truncation math (float64) runs there
         model.to(device)
         decompositions = {name: d.to(device) for name, d in decompositions.items()}
-    compress(model, stats, method, plan, decompositions=decompositions, alpha=options.get("alpha", 1.0))
+    compress(model, stats, method, plan, decompositions)
     if device.type != "cpu":
         torch.cuda.synchronize(device)
     params, size_mb = model_size(model)
-    row.values.update(seconds_compress=time.perf_counter() - start, achieved_ratio=plan.achieved_ratio,
-                      params_compressed=params, size_mb=size_mb,
-                      rank_plan=json.dumps(plan.to_dict(), sort_keys=True))
+    row.seconds_compress = time.perf_counter() - start
+    row.achieved_ratio, row.params_compressed, row.size_mb = plan.achieved_ratio, params, size_mb
+    row.rank_plan = json.dumps(plan.to_dict(), sort_keys=True)
     del stats, decompositions
     model.to(device)
-    row.values.update(_latency(model, loaded.model, config.get("latency"), device))
+    for name, value in _latency(model, loaded.model, config.latency, device).items():
+        setattr(row, name, value)
 
     def run_eval() -> float:
         kw = {"batch_size": task["eval_batch_size"], "device": device}
         if task["type"] == "classification":
             kw["max_length"] = task["max_length"]
         result = evaluate(model, task["type"], data["eval"], tokenizer=loaded.tokenizer, **kw)
-        row.values["seconds_eval"] += result.seconds
+        row.seconds_eval += result.seconds
         return result.value
 
     value = run_eval()
-    row.report(stage="compressed", metric=value, metric_compressed=value)
+    _report(row, "compressed", metric=value, metric_compressed=value)
 
-    settings = dict(config["finetune"])
+    settings = dict(config.finetune)
     which = settings.pop("train")
     ft = FinetuneConfig(**settings)
     if ft.steps == 0:
-        row.report(status="ok", stage="final")
+        _report(row, "final", status="ok")
         return
     _set_trainable(model, which, [name for name, k in plan.ranks.items() if k is not None])
     last_eval: dict[int, float] = {}
 
     def on_eval(step: int) -> None:
         last_eval[step] = run_eval()
-        row.report(stage="finetune", step=step, metric=last_eval[step])
+        _report(row, "finetune", step=step, metric=last_eval[step])
 
     result = finetune(model, task["type"], data["train"], ft, tokenizer=loaded.tokenizer, on_eval=on_eval,
                       device=device)  # result.seconds leaves out the evaluations in on_eval
     value = last_eval[ft.steps] if ft.steps in last_eval else run_eval()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
-        if config.get("checkpoints", {}).get("keep", 0) > 0:
+        if config.checkpoints.get("keep", 0) > 0:
             _save_trained(model, folder)
             checkpoint = tune.Checkpoint.from_directory(folder)
-        row.report(checkpoint=checkpoint, status="ok", stage="final", step=ft.steps, metric=value,
-                   metric_finetuned=value, finetune_steps=result.steps,
-                   finetune_loss=result.losses[-1] if result.losses else math.nan, seconds_finetune=result.seconds)
+        _report(row, "final", step=ft.steps, checkpoint=checkpoint, status="ok", metric=value,
+                metric_finetuned=value, finetune_steps=result.steps,
+                finetune_loss=result.losses[-1] if result.losses else math.nan, seconds_finetune=result.seconds)

@@ -45,7 +45,7 @@ def _install(spec: dict) -> None:
     original = trial._run
 
     def run(config, shared, row):
-        cid = row.values["config_id"]
+        cid = row.trial_id
         with open(spec["attempts"], "a") as f:
             f.write(json.dumps({"trial": cid, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                                 "time": time.time()}) + "\n")

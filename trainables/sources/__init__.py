@@ -32,13 +32,14 @@ from compression.errors import UserInputError
 from . import data, packaged, tiny, wiki
 
 __all__ = [
-    "LoadedModel", "LabelledData", "TASKS", "SPLITS", "load_model", "load_documents", "draw_windows",
-    "load_labelled", "describe_sources",
+    "LoadedModel", "LabelledData", "TASKS", "SPLITS", "check_source", "load_model", "load_documents",
+    "draw_windows", "load_labelled", "describe_sources",
 ]
 
 TASKS = ("causal-lm", "classification")
 SPLITS = ("eval", "calibration", "train")  # the order in which windows are handed out
 SCHEMES = ("packaged:<name>", "hf:<id>[:<config>][:<split>]", "path:<dir or file>", "tiny:<llama|gpt2|bert|opt>")
+_SCHEME_NAMES = ("packaged", "hf", "path", "tiny")
 # Encoder-only model types: they classify, they are not causal LMs.
 _ENCODERS = {"bert", "roberta", "distilbert", "mpnet", "deberta", "deberta-v2", "electra", "xlm-roberta", "albert",
              "modernbert"}
@@ -65,9 +66,32 @@ class LabelledData:
 
 def _split_source(source: str) -> tuple[str, str]:
     scheme, sep, rest = source.partition(":") if isinstance(source, str) else ("", "", "")
-    if not sep or scheme not in ("packaged", "hf", "path", "tiny") or not rest:
+    if not sep or scheme not in _SCHEME_NAMES or not rest:
         raise UserInputError(f"source {source!r} is not a known source; allowed: {', '.join(SCHEMES)}")
     return scheme, rest
+
+
+def check_source(source: str, kind: str) -> str:
+    """Cheap check of a source string of `kind` (model, text or labelled): scheme, packaged name,
+    tiny architecture, existing path. Nothing is loaded; UserInputError names what is wrong."""
+    scheme, sep, rest = source.partition(":")
+    if not sep or scheme not in _SCHEME_NAMES:
+        raise UserInputError(f"source {source!r} has no known scheme; allowed: "
+                             f"{', '.join(s + ':' for s in _SCHEME_NAMES)} (`lrsweep sources` lists them)")
+    if not rest:
+        raise UserInputError(f"source {source!r} names nothing after {scheme + ':'!r}")
+    if scheme == "packaged":
+        packaged.get(rest, kind)
+    if scheme == "tiny":
+        if kind != "model":
+            raise UserInputError(f"source {source!r}: tiny: names a model, not {kind} data")
+        if rest not in tiny.ARCHS:
+            raise UserInputError(f"unknown tiny architecture {rest!r}; allowed: "
+                                 f"{', '.join('tiny:' + a for a in tiny.ARCHS)}")
+    if scheme == "path" and not Path(rest).expanduser().exists():
+        raise UserInputError(f"source {source!r}: no file or folder {rest!r} (relative paths start at "
+                             f"the current directory)")
+    return source
 
 
 # ---------------------------------------------------------------- models
