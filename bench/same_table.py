@@ -23,13 +23,15 @@ TIMING = ("seconds_calibration", "seconds_decompose", "seconds_compress", "secon
 PLAN_KEYS = ("method", "allocation", "target_ratio", "ranks", "dense_params", "params", "predicted_loss")
 
 
+def _missing(x) -> bool:
+    return x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x))
+
+
 def _same(a, b, rtol: float) -> bool:
+    if _missing(a) or _missing(b):
+        return _missing(a) and _missing(b)
     if isinstance(a, float) and isinstance(b, float):
-        if math.isnan(a) and math.isnan(b):
-            return True
         return a == b or (rtol > 0 and math.isclose(a, b, rel_tol=rtol))
-    if pd.isna(a) is True and pd.isna(b) is True:
-        return True
     return a == b
 
 
