@@ -60,7 +60,8 @@ class Shared:
     """What the launcher computed once and every trial reads (object refs, plus their costs).
 
     methods: method key -> its MethodConfig (a trial plans and compresses with it);
-    decompositions: method key -> object ref of its decompositions.
+    decompositions: method key -> object ref of its decompositions; decomposition_errors: method
+    key -> why its decompositions could not be computed (its trials fail with that message).
     data: {"eval": ..., "train": ...} (token windows [N, T] or (text, label) lists) and
     "num_labels" (classification). dense_state: weights of the task-finetuned dense classifier,
     None when the trials start from the model as loaded.
@@ -70,6 +71,7 @@ class Shared:
     methods: dict[str, Any]
     decompositions: dict[str, Any]
     data: Any
+    decomposition_errors: dict[str, str] = field(default_factory=dict)
     dense_state: Any = None
     metric_dense: float = math.nan
     params_dense: int = 0
@@ -208,6 +210,9 @@ def _run(config: TrialConfig, shared: Shared, row: TrialRow) -> None:
 
     data = ray.get(shared.data)
     stats = ray.get(shared.stats)
+    if config.method_key in shared.decomposition_errors:  # the same error on every attempt: not retried
+        raise RuntimeError(f"the decompositions of {config.method_key} failed: "
+                           f"{shared.decomposition_errors[config.method_key]}")
     method = shared.methods[config.method_key]
     decompositions = ray.get(shared.decompositions[config.method_key])
     loaded = _dense_model(_from_launch_dir(config.model), task["type"], data.get("num_labels"), config.seed)
