@@ -395,6 +395,7 @@ def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], 
         "seq_len": seq_len,
         "seconds": round(time.perf_counter() - start, 3),
         "gradients": gradients,
+        "device": str(device),
         "block_importance": "block influence: 1 - mean cos(h_in, h_out)",
     }
     return collector.result(meta)

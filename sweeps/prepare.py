@@ -2,6 +2,7 @@
 (classification) task-finetuned dense weights, the dense baseline, and the calibration statistics,
 cached on disk by a hash of what they depend on (`calibration_key`) so a later sweep, `export` and
 `calibrate` reuse them. A memory guard estimates the statistics from the model's shapes first.
+When the sweep reserves GPUs, the calibration pass runs on one (the driver's, or a worker's).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -235,6 +237,35 @@ def cache_key(spec: SweepSpec) -> str:
     return full if (folder / f"{full}.safetensors").is_file() and not (folder / f"{key}.safetensors").is_file() else key
 
 
+def _calibration_task(model_source: str, task: str, num_labels: int | None, seed: int, dense_state,
+                      batches: list[dict[str, torch.Tensor]], gradients: bool) -> CalibrationStats:
+    """Runs in a Ray worker with a GPU: the calibration pass there (statistics back on the CPU)."""
+    loaded = load_model(model_source, task=task, num_labels=num_labels, seed=seed)
+    if dense_state is not None:
+        loaded.model.load_state_dict(dense_state)
+    return collect_stats(loaded.model.to("cuda"), batches, task=task, progress=False, gradients=gradients)
+
+
+def _collect(spec: SweepSpec, loaded: LoadedModel, data: dict, batches, gradients: bool, progress: bool
+             ) -> CalibrationStats:
+    """The calibration pass on a GPU when the sweep reserves one: this machine's, or else (a CPU
+    head node of a cluster) a GPU worker's through Ray; on the CPU otherwise."""
+    if spec.resources.gpu > 0 and torch.cuda.is_available():
+        try:
+            return collect_stats(loaded.model.to("cuda"), batches, task=spec.task.type, progress=progress,
+                                 gradients=gradients)
+        finally:
+            loaded.model.to("cpu")
+    if spec.resources.gpu > 0 and ray.is_initialized():
+        log.info("calibration: on a GPU worker of the cluster")
+        dense_state = loaded.model.state_dict() if spec.task.type == "classification" else None
+        task = ray.remote(num_gpus=spec.resources.gpu, num_cpus=spec.resources.cpu,
+                          max_retries=spec.limits.retries)(_calibration_task)
+        return ray.get(task.remote(spec.model, spec.task.type, data.get("num_labels"), spec.seed, dense_state,
+                                   batches, gradients))
+    return collect_stats(loaded.model, batches, task=spec.task.type, progress=progress, gradients=gradients)
+
+
 def _statistics(spec: SweepSpec, loaded: LoadedModel, data: dict, key: str, progress: bool
                 ) -> tuple[CalibrationStats, bool, float]:
     """(statistics of key `key`, whether they came from the cache, seconds)."""
@@ -251,7 +282,7 @@ def _statistics(spec: SweepSpec, loaded: LoadedModel, data: dict, key: str, prog
         log.info(f"calibration: reused {path}")
     else:
         batches = _calibration_batches(spec, data, loaded.tokenizer)
-        stats = collect_stats(loaded.model, batches, task=spec.task.type, progress=progress, gradients=gradients)
+        stats = _collect(spec, loaded, data, batches, gradients, progress)
         tensors, metadata = stats.to_tensors()
         _save_atomic(tensors, path, metadata)
         (folder / f"{key}.json").write_text(json.dumps(
