@@ -42,6 +42,7 @@ def decompose_model(
     device: torch.device | str | None = None,
     store_dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    whitenings: dict | None = None,
     **options,
 ) -> Decompositions:
     """Decompose every unit of the method (every target for a matrix method, keyed by layer name;
@@ -50,12 +51,13 @@ def decompose_model(
 
     `method`: a name (with its `options`, e.g. alpha=0.5) or a config; `device`: where the math
     runs and the result lives (default: the model's device); `store_dtype`: dtype of the stored
-    factors (the math is float64).
+    factors (the math is float64); `whitenings`: a dict shared between calls on the same model and
+    statistics, so the whitening methods of a sweep whiten each input once.
     """
     config = method_config(method, **options)
     stats.check_matches(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    return config.decompose_model(model, stats, device, store_dtype, progress=progress)
+    return config.decompose_model(model, stats, device, store_dtype, progress=progress, whitenings=whitenings)
 
 
 def make_units(decompositions: Decompositions, method: str | MethodConfig | None = None) -> list[Unit]:

@@ -1,4 +1,5 @@
-"""Calibration statistics: one forward + backward pass over calibration batches.
+"""Calibration statistics: one forward + backward pass over calibration batches (forward only
+when no method needs gradients: `collect_stats(..., gradients=False)`).
 
 What is collected (padding tokens, attention_mask == 0, are left out of everything):
 
@@ -18,6 +19,12 @@ What is collected (padding tokens, attention_mask == 0, are left out of everythi
 
 Losses: "causal-lm" = summed next-token cross-entropy over pairs of unpadded positions (any "labels"
 in a batch are ignored); "classification" = summed cross-entropy of the logits against batch["labels"].
+
+Accuracy and cost: each batch's Gram is one matrix product in the activations' dtype (float32, or
+float32 for half-precision models), added into the float64 total, so the float64 accumulation is
+one addition per batch instead of a float64 product; the squared gradients are reduced in float32
+and added into float64 vectors the same way. Without gradients the pass stops at the model's
+backbone (`base_model`): no language-model head, no loss, no backward.
 
 Memory is bounded by the Gram matrices (n^2 per input group) plus a few vectors per layer, whatever
 the number of batches; activations live only for one batch. The model runs in eval mode (no dropout)
@@ -60,15 +67,21 @@ class CalibrationStats:
     block_importance: torch.Tensor
     meta: dict = field(default_factory=dict)
 
+    @property
+    def has_gradients(self) -> bool:
+        """Whether the Fisher statistics were collected (a pass with gradients)."""
+        return bool(self.meta.get("gradients", True))
+
     def layer(self, name: str) -> LayerStats:
-        """The statistics of target `name` (its Gram is shared with its input group)."""
+        """The statistics of target `name` (its Gram is shared with its input group; the Fisher
+        vectors are None when the pass had no gradients)."""
         t = next((t for t in self.targets if t.name == name), None)
         if t is None:
             raise UserInputError(f"layer '{name}' has no calibration statistics; calibrated layers: "
                                  f"{', '.join(t.name for t in self.targets[:5])}, ...")
-        return LayerStats(gram=self.grams[t.input_group], tokens=self.tokens[t.input_group],
-                          row_fisher=self.row_fisher[name], col_fisher=self.col_fisher[name],
-                          neuron_fisher=self.neuron_fisher[name])
+        return LayerStats(gram=self.grams.get(t.input_group), tokens=self.tokens[t.input_group],
+                          row_fisher=self.row_fisher.get(name), col_fisher=self.col_fisher.get(name),
+                          neuron_fisher=self.neuron_fisher.get(name))
 
     def check_matches(self, model: nn.Module) -> None:
         """UserInputError naming the first layer where `model` differs from what was calibrated."""
@@ -124,15 +137,17 @@ class CalibrationStats:
             return tensors[key]
 
         groups = dict.fromkeys(t.input_group for t in targets)
+        meta = json.loads(metadata["meta"])
+        fisher = targets if meta.get("gradients", True) else []
         return cls(
             targets=targets,
             grams={g: get(f"gram/{g}") for g in groups},
             tokens={g: int(n) for g, n in json.loads(metadata["tokens"]).items()},
-            row_fisher={t.name: get(f"row_fisher/{t.name}") for t in targets},
-            col_fisher={t.name: get(f"col_fisher/{t.name}") for t in targets},
-            neuron_fisher={t.name: get(f"neuron_fisher/{t.name}") for t in targets},
+            row_fisher={t.name: get(f"row_fisher/{t.name}") for t in fisher},
+            col_fisher={t.name: get(f"col_fisher/{t.name}") for t in fisher},
+            neuron_fisher={t.name: get(f"neuron_fisher/{t.name}") for t in fisher},
             block_importance=get("block_importance"),
-            meta=json.loads(metadata["meta"]),
+            meta=meta,
         )
 
     def nbytes(self) -> int:
@@ -156,11 +171,11 @@ def _describe(t: Target) -> str:
     return f"role {t.role}, block {t.block}, [{t.out_features} x {t.in_features}] {kind}, input group {t.input_group}"
 
 
-def estimate_stats_bytes(model: nn.Module, targets: list[Target] | None = None) -> int:
+def estimate_stats_bytes(model: nn.Module, targets: list[Target] | None = None, gradients: bool = True) -> int:
     """Bytes `collect_stats` will return, from shapes alone (float64 everywhere)."""
     targets = find_targets(model) if targets is None else targets
     grams = {t.input_group: t.in_features**2 for t in targets}
-    vectors = sum(2 * t.out_features + t.in_features for t in targets)
+    vectors = sum(2 * t.out_features + t.in_features for t in targets) if gradients else 0
     return 8 * (sum(grams.values()) + vectors + len(find_blocks(model)))
 
 
@@ -182,25 +197,30 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 class _Collector:
     """Hooks and accumulators of one calibration pass."""
 
-    def __init__(self, model: nn.Module, targets: list[Target], blocks: list[nn.Module], device: torch.device):
+    def __init__(self, model: nn.Module, targets: list[Target], blocks: list[nn.Module], device: torch.device,
+                 gradients: bool):
         f64 = dict(dtype=torch.float64, device=device)
+        self.gradients = gradients
         self.targets = targets
         self.groups: dict[str, _Group] = {}
         for t in targets:
             g = self.groups.setdefault(
                 t.input_group, _Group(frozenset(), torch.zeros(t.in_features, t.in_features, **f64)))
             g.members |= {t.name}
-        self.row = {t.name: torch.zeros(t.out_features, **f64) for t in targets}
-        self.col = {t.name: torch.zeros(t.in_features, **f64) for t in targets}
-        self.neuron = {t.name: torch.zeros(t.out_features, **f64) for t in targets}
+        with_fisher = targets if gradients else []
+        self.row = {t.name: torch.zeros(t.out_features, **f64) for t in with_fisher}
+        self.col = {t.name: torch.zeros(t.in_features, **f64) for t in with_fisher}
+        self.neuron = {t.name: torch.zeros(t.out_features, **f64) for t in with_fisher}
         self.cos_sum = torch.zeros(len(blocks), **f64)
         self.cos_count = torch.zeros(len(blocks), **f64)
         self.mask = torch.ones(0, dtype=torch.bool)
+        self.every_token = True  # no padding in the batch: rows need no masking (no copy)
         self.handles = []
         for t in targets:
             module = get_module(model, t.name)
             self.handles.append(module.register_forward_hook(self._target_hook(t)))
-            self.handles.append(module.weight.register_post_accumulate_grad_hook(self._grad_hook(t)))
+            if gradients:
+                self.handles.append(module.weight.register_post_accumulate_grad_hook(self._grad_hook(t)))
         for b, block in enumerate(blocks):
             self.handles.append(block.register_forward_hook(self._block_hook(b), with_kwargs=True))
 
@@ -209,7 +229,7 @@ class _Collector:
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] != self.mask.numel():
             raise RuntimeError(f"{name}: activation has {flat.shape[0]} token rows, the batch has {self.mask.numel()}")
-        return flat[self.mask]
+        return flat if self.every_token else flat[self.mask]
 
     def _target_hook(self, t: Target):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -221,16 +241,15 @@ class _Collector:
                                        f"same input as {t.name}; find_targets' grouping is wrong for this model")
                 group.current, group.pending = x, set(group.members)
                 with torch.no_grad():
-                    rows = self.rows(x, t.name).to(torch.float64)
-                    group.gram.addmm_(rows.T, rows)
+                    rows = _at_least_float32(self.rows(x, t.name))
+                    group.gram.add_((rows.T @ rows).to(torch.float64))
                     group.tokens += rows.shape[0]
             group.pending.discard(t.name)
-            if output.requires_grad:
-                mask = self.mask
-                acc = self.neuron[t.name]
+            if self.gradients and output.requires_grad:
+                acc, name = self.neuron[t.name], t.name
 
                 def grad_hook(grad: torch.Tensor) -> None:
-                    acc.add_(grad.reshape(-1, grad.shape[-1])[mask].to(torch.float64).square().sum(0))
+                    acc.add_(_at_least_float32(self.rows(grad, name)).square().sum(0).to(torch.float64))
 
                 output.register_hook(grad_hook)
 
@@ -238,9 +257,9 @@ class _Collector:
 
     def _grad_hook(self, t: Target):
         def hook(param: nn.Parameter) -> None:
-            sq = as_out_in(param.grad.detach(), t.transposed).to(torch.float64).square()
-            self.row[t.name].add_(sq.sum(1))
-            self.col[t.name].add_(sq.sum(0))
+            sq = _at_least_float32(as_out_in(param.grad.detach(), t.transposed)).square()
+            self.row[t.name].add_(sq.sum(1).to(torch.float64))
+            self.col[t.name].add_(sq.sum(0).to(torch.float64))
             param.grad = None
 
         return hook
@@ -259,6 +278,7 @@ class _Collector:
 
     def begin(self, attention_mask: torch.Tensor) -> None:
         self.mask = attention_mask.reshape(-1).bool()
+        self.every_token = bool(self.mask.all())
 
     def end(self) -> None:
         for name, g in self.groups.items():
@@ -272,7 +292,7 @@ class _Collector:
 
     def result(self, meta: dict) -> CalibrationStats:
         tokens = {name: g.tokens for name, g in self.groups.items()}
-        by_target = {t.name: max(tokens[t.input_group], 1) for t in self.targets}
+        by_target = {t.name: max(tokens[t.input_group], 1) for t in self.targets if t.name in self.neuron}
         stats = CalibrationStats(
             targets=list(self.targets),
             grams={name: g.gram for name, g in self.groups.items()},
@@ -286,6 +306,11 @@ class _Collector:
         return stats.to("cpu")
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors; float32 and float64 as they are."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], mask: torch.Tensor, task: str) -> torch.Tensor:
     """Summed loss of a batch (see the module docstring)."""
     if task == "classification":
@@ -297,10 +322,13 @@ def _loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], mask: torch.Tens
 
 
 def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task: str = "causal-lm",
-                  targets: list[Target] | None = None, progress: bool = True) -> CalibrationStats:
+                  targets: list[Target] | None = None, progress: bool = True,
+                  gradients: bool = True) -> CalibrationStats:
     """One pass over `batches` (dicts with input_ids, attention_mask, and labels for classification).
 
-    `targets` defaults to `find_targets(model)`. Returns the statistics on the CPU.
+    `targets` defaults to `find_targets(model)`. `gradients=False`: a forward pass through the
+    backbone only, for methods that need no Fisher statistics (the Grams, token counts and block
+    importance are the same). Returns the statistics on the CPU.
     """
     if task not in TASKS:
         raise UserInputError(f"task {task!r}: allowed {', '.join(TASKS)}")
@@ -319,33 +347,38 @@ def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], 
     flags = [p.requires_grad for p in params]
     start = time.perf_counter()
     n_batches = n_sequences = seq_len = 0
-    collector = _Collector(model, targets, blocks, device)
+    backbone = model if gradients else getattr(model, "base_model", model)
+    collector = None
     try:
         model.eval()
         model.zero_grad(set_to_none=True)
         for p in params:
             p.requires_grad_(False)
-        for t in targets:
-            get_module(model, t.name).weight.requires_grad_(True)
-        with torch.enable_grad():
+        if gradients:
+            for t in targets:
+                get_module(model, t.name).weight.requires_grad_(True)
+        collector = _Collector(model, targets, blocks, device, gradients)  # after: it hooks the gradients
+        with torch.set_grad_enabled(gradients):
             for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 if "input_ids" not in batch:
                     raise UserInputError("calibration batches need 'input_ids'")
                 mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
                 collector.begin(mask)
-                output = model(**{k: v for k, v in batch.items() if k != "labels"})
-                logits = getattr(output, "logits", None)
-                if logits is None:
-                    raise UserInputError(f"model {type(model).__name__} returns no logits; calibration needs a "
-                                         "model with a language-model or classification head")
-                _loss(logits, batch, mask, task).backward()
+                output = backbone(**{k: v for k, v in batch.items() if k != "labels"})
+                if gradients:
+                    logits = getattr(output, "logits", None)
+                    if logits is None:
+                        raise UserInputError(f"model {type(model).__name__} returns no logits; calibration needs "
+                                             "a model with a language-model or classification head")
+                    _loss(logits, batch, mask, task).backward()
                 collector.end()
                 n_batches += 1
                 n_sequences += batch["input_ids"].shape[0]
                 seq_len = max(seq_len, batch["input_ids"].shape[1])
     finally:
-        collector.remove()
+        if collector is not None:
+            collector.remove()
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         model.zero_grad(set_to_none=True)
@@ -361,6 +394,8 @@ def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], 
         "sequences": n_sequences,
         "seq_len": seq_len,
         "seconds": round(time.perf_counter() - start, 3),
+        "gradients": gradients,
+        "device": str(device),
         "block_importance": "block influence: 1 - mean cos(h_in, h_out)",
     }
     return collector.result(meta)

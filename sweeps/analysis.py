@@ -32,6 +32,17 @@ def factorised(row: pd.Series) -> bool:
     return any(ranks.get(u["name"]) is not None and u["role"] != "mlp" for u in plan.get("units") or [])
 
 
+def slower_than_dense(row: pd.Series) -> bool:
+    """Whether a trial's compressed model ran slower than the dense one by more than the spread of
+    the runs: the difference of the medians exceeds the larger interquartile range."""
+    values = [row.get(c) for c in ("latency_ms_dense", "latency_ms_compressed", "latency_iqr_ms_dense",
+                                   "latency_iqr_ms_compressed")]
+    if any(v is None or pd.isna(v) for v in values):
+        return False
+    dense, compressed, iqr_dense, iqr_compressed = (float(v) for v in values)
+    return compressed - dense > max(iqr_dense, iqr_compressed)
+
+
 def higher_is_better(metric_name: str) -> bool:
     """Accuracy: higher is better; perplexity: lower is."""
     return str(metric_name) == "accuracy"

@@ -88,7 +88,7 @@ def _statistics(spec, key: str):
             metadata = f.metadata()
         return (CalibrationStats.from_tensors(load_file(str(stats_path)), metadata),
                 load_file(str(dense_path)) if classification else None, None)
-    if calibration_key(spec) != key:
+    if key not in (calibration_key(spec), calibration_key(spec, gradients=True)):
         raise UserInputError(
             f"the calibration statistics {key} of this trial are not in the cache ({folder}), and the "
             f"sweep's model or data changed since (its settings now give key {calibration_key(spec)}), so "

@@ -2,6 +2,7 @@
 (classification) task-finetuned dense weights, the dense baseline, and the calibration statistics,
 cached on disk by a hash of what they depend on (`calibration_key`) so a later sweep, `export` and
 `calibrate` reuse them. A memory guard estimates the statistics from the model's shapes first.
+When the sweep reserves GPUs, the calibration pass runs on one (the driver's, or a worker's).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from compression.calibration import CalibrationStats, collect_stats, estimate_stats_bytes
 from compression.errors import UserInputError
 from sweeps.spec import SweepSpec
+from sweeps.trials import method_configs
 from trainables.contract import TrialRow
 from trainables.evaluation import evaluate
 from trainables.finetune import FinetuneConfig, task_finetune_classifier
@@ -117,13 +120,22 @@ def _stamp(source: str) -> list | None:
             for p in files if p.exists()]
 
 
-def calibration_key(spec: SweepSpec) -> str:
+def needs_gradients(spec: SweepSpec) -> bool:
+    """Whether a method of the sweep reads Fisher statistics (the calibration's backward pass)."""
+    return any(m.needs_gradients for m in method_configs(spec))
+
+
+def calibration_key(spec: SweepSpec, gradients: bool | None = None) -> str:
     """What the statistics depend on: model, task data and dense finetune, calibration settings
-    (and, for local `path:` sources, their files' sizes and times)."""
+    (and, for local `path:` sources, their files' sizes and times), and whether the pass had
+    gradients (default: whether the sweep needs them)."""
+    gradients = needs_gradients(spec) if gradients is None else gradients
     task = spec.task_settings()
     cal = spec.calibration_settings()
     body = {"format": _CACHE_FORMAT, "model": spec.model, "seed": spec.seed, "calibration": cal,
             "task": task["type"], "files": [_stamp(spec.model), _stamp(cal["source"])]}
+    if not gradients:  # keys of statistics with gradients are what they always were
+        body["gradients"] = False
     if spec.task.type == "classification":
         body["task"] = {k: task[k] for k in ("type", "train", "text_column", "label_column", "max_length",
                                              "train_examples", "dense_finetune")}
@@ -158,7 +170,7 @@ def check_stats_memory(spec: SweepSpec, model) -> int:
     """Estimate the calibration statistics of `model` from its shapes, log it, and raise a
     UserInputError (before anything is computed) when it is above `limits.stats_memory_gb`, or
     by default above half the available memory. Returns the estimate in bytes."""
-    need = estimate_stats_bytes(model)
+    need = estimate_stats_bytes(model, gradients=needs_gradients(spec))
     limit_gb = spec.limits.stats_memory_gb
     if limit_gb is None:
         free = available_memory()
@@ -214,10 +226,51 @@ def _dense_weights(spec: SweepSpec, loaded: LoadedModel, data: dict, key: str, t
     return {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
 
 
+def cache_key(spec: SweepSpec) -> str:
+    """The calibration key the sweep uses: its own, or, for a sweep that needs no gradients, that
+    of cached statistics of a pass with gradients (a superset) when there are some."""
+    key = calibration_key(spec)
+    if needs_gradients(spec):
+        return key
+    full = calibration_key(spec, gradients=True)
+    folder = calibration_cache()
+    return full if (folder / f"{full}.safetensors").is_file() and not (folder / f"{key}.safetensors").is_file() else key
+
+
+def _calibration_task(model_source: str, task: str, num_labels: int | None, seed: int, dense_state,
+                      batches: list[dict[str, torch.Tensor]], gradients: bool) -> CalibrationStats:
+    """Runs in a Ray worker with a GPU: the calibration pass there (statistics back on the CPU)."""
+    loaded = load_model(model_source, task=task, num_labels=num_labels, seed=seed)
+    if dense_state is not None:
+        loaded.model.load_state_dict(dense_state)
+    return collect_stats(loaded.model.to("cuda"), batches, task=task, progress=False, gradients=gradients)
+
+
+def _collect(spec: SweepSpec, loaded: LoadedModel, data: dict, batches, gradients: bool, progress: bool
+             ) -> CalibrationStats:
+    """The calibration pass on a GPU when the sweep reserves one: this machine's, or else (a CPU
+    head node of a cluster) a GPU worker's through Ray; on the CPU otherwise."""
+    if spec.resources.gpu > 0 and torch.cuda.is_available():
+        try:
+            return collect_stats(loaded.model.to("cuda"), batches, task=spec.task.type, progress=progress,
+                                 gradients=gradients)
+        finally:
+            loaded.model.to("cpu")
+    if spec.resources.gpu > 0 and ray.is_initialized():
+        log.info("calibration: on a GPU worker of the cluster")
+        dense_state = loaded.model.state_dict() if spec.task.type == "classification" else None
+        task = ray.remote(num_gpus=spec.resources.gpu, num_cpus=spec.resources.cpu,
+                          max_retries=spec.limits.retries)(_calibration_task)
+        return ray.get(task.remote(spec.model, spec.task.type, data.get("num_labels"), spec.seed, dense_state,
+                                   batches, gradients))
+    return collect_stats(loaded.model, batches, task=spec.task.type, progress=progress, gradients=gradients)
+
+
 def _statistics(spec: SweepSpec, loaded: LoadedModel, data: dict, key: str, progress: bool
                 ) -> tuple[CalibrationStats, bool, float]:
-    """(statistics, whether they came from the cache, seconds)."""
+    """(statistics of key `key`, whether they came from the cache, seconds)."""
     folder = calibration_cache()
+    gradients = needs_gradients(spec)
     path = folder / f"{key}.safetensors"
     start = time.perf_counter()
     cached = path.is_file()
@@ -229,14 +282,14 @@ def _statistics(spec: SweepSpec, loaded: LoadedModel, data: dict, key: str, prog
         log.info(f"calibration: reused {path}")
     else:
         batches = _calibration_batches(spec, data, loaded.tokenizer)
-        stats = collect_stats(loaded.model, batches, task=spec.task.type, progress=progress)
+        stats = _collect(spec, loaded, data, batches, gradients, progress)
         tensors, metadata = stats.to_tensors()
         _save_atomic(tensors, path, metadata)
         (folder / f"{key}.json").write_text(json.dumps(
             {"key": key, "model": spec.model, "task": spec.task.type, "calibration": spec.calibration_settings(),
              "meta": stats.meta}, indent=2))
-        log.info(f"calibration: {stats.meta.get('sequences')} sequences in {stats.meta.get('seconds')} s, "
-                 f"saved to {path}")
+        log.info(f"calibration: {stats.meta.get('sequences')} sequences in {stats.meta.get('seconds')} s"
+                 f"{'' if gradients else ' (forward only: no method of the sweep needs gradients)'}, saved to {path}")
     return stats, cached, time.perf_counter() - start
 
 
@@ -244,7 +297,7 @@ def stats_for(spec: SweepSpec, progress: bool = True) -> Prepared:
     """The model, data, dense weights and calibration statistics of a sweep (from the cache, or
     computed), without evaluating the dense baseline: what `export` rebuilds a trial from."""
     timings: dict[str, float] = {}
-    key = calibration_key(spec)
+    key = cache_key(spec)
     loaded, data = _load(spec, timings)
     check_stats_memory(spec, loaded.model)  # fail before the dense finetune and calibration
     dense_state = _dense_weights(spec, loaded, data, key, timings)
@@ -256,7 +309,7 @@ def stats_for(spec: SweepSpec, progress: bool = True) -> Prepared:
 def prepare(spec: SweepSpec, progress: bool = True) -> Prepared:
     """Load, (task-finetune,) evaluate the dense model, and calibrate (or load cached statistics)."""
     timings: dict[str, float] = {}
-    key = calibration_key(spec)
+    key = cache_key(spec)
     loaded, data = _load(spec, timings)
     check_stats_memory(spec, loaded.model)  # fail before the dense baseline and calibration
     dense_state = _dense_weights(spec, loaded, data, key, timings)

@@ -24,6 +24,7 @@ from sweeps.analysis import (
     finished,
     metric_name,
     pareto,
+    slower_than_dense,
 )
 from sweeps.storage import REPORT_FILE, SWEEP_FILE, read_file, write_file
 from sweeps.table import load_results, typed
@@ -148,15 +149,23 @@ def method_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _ms_spread(median, iqr) -> str:
+    return "-" if pd.isna(median) else f"{median:,.1f} ms (IQR {iqr:,.1f})"
+
+
 def speed_table(df: pd.DataFrame) -> pd.DataFrame:
     ok = finished(df, "speedup").sort_values(["target_ratio", "method", "allocation"], kind="stable")
     return pd.DataFrame({
         "trial": ok["trial_id"], "method": ok["method"], "allocation": ok["allocation"],
         "target removed": [_pct(x) for x in ok["target_ratio"]],
-        "dense latency": [_ms(x) for x in ok["latency_ms_dense"]],
-        "compressed latency": [_ms(x) for x in ok["latency_ms_compressed"]],
+        "dense latency": [_ms_spread(m, q) for m, q in zip(ok["latency_ms_dense"], ok["latency_iqr_ms_dense"])],
+        "compressed latency": [_ms_spread(m, q) for m, q in
+                               zip(ok["latency_ms_compressed"], ok["latency_iqr_ms_compressed"])],
         "speed-up vs dense": [_speedup(x) for x in ok["speedup"]],
-        "slower than dense": ["yes" if x < 1 else "" for x in ok["speedup"]],
+        "FLOP-bound speed-up": [_speedup(x) for x in ok["speedup_flops"]],
+        "measured / FLOP-bound": ["-" if pd.isna(a) or pd.isna(b) else f"{a / b:.2f}"
+                                  for a, b in zip(ok["speedup"], ok["speedup_flops"])],
+        "slower than dense": ["yes" if slower_than_dense(r) else "" for _, r in ok.iterrows()],
     })
 
 
@@ -165,17 +174,23 @@ def _speed_section(df: pd.DataFrame, spec: dict | None) -> list[str]:
     if ok.empty:
         return []
     first = ok.iloc[0]
-    repeats = ((spec or {}).get("latency") or {}).get("repeats")
+    latency = (spec or {}).get("latency") or {}
     devices = ", ".join(sorted(set(ok["latency_device"].astype(str))))
+    shapes = ok["shape"].nunique() if "shape" in ok else len(ok)
     lines = ["## Speed", "",
              f"Forward latency of one batch of {first['latency_batch']} x {first['latency_seq_len']} tokens "
-             f"(random token ids), the median of {repeats or 'several'} runs, measured in every trial on its own "
-             f"device ({devices}) for the compressed model and for the dense one, their runs interleaved so "
-             f"both see the same load. Speed-up = dense latency / compressed latency. Trials that ran at the "
-             f"same time on one machine share its cores: compare speed-ups, not absolute times.", ""]
-    slower = ok[ok["speedup"] < 1].sort_values("speedup")
+             f"(random token ids), measured after the trials, when nothing else ran, once for each of the "
+             f"{shapes} distinct compressed shape(s) (trials with the same layer shapes share one measurement), "
+             f"on {devices}: the dense and the compressed model's runs interleaved, "
+             f"{latency.get('warmup', 1)} warm-up round(s) then {latency.get('repeats', 'several')} timed runs "
+             f"each (torch.utils.benchmark); the median and the interquartile range (IQR). Speed-up = dense "
+             f"latency / compressed latency. FLOP-bound speed-up = dense / compressed matrix-product FLOPs per "
+             f"token (linear layers with the LM head, plus attention at this length): what the speed-up "
+             f"approaches when matrix products dominate. A trial is slower than dense only when its median "
+             f"exceeds the dense one by more than the larger IQR.", ""]
+    slower = ok[[slower_than_dense(r) for _, r in ok.iterrows()]].sort_values("speedup")
     if slower.empty:
-        lines.append(f"Every compressed model ran at least as fast as the dense one (speed-up "
+        lines.append(f"No compressed model was slower than the dense one beyond the spread of the runs (speed-up "
                      f"{ok['speedup'].min():.2f}x to {ok['speedup'].max():.2f}x).")
     else:
         listed = "; ".join(f"{_what(r)}: {_speedup(r['speedup'])} ({_ms(r['latency_ms_compressed'])} vs "
@@ -187,8 +202,8 @@ def _speed_section(df: pd.DataFrame, spec: dict | None) -> list[str]:
                          "arithmetic.")
     if ok["latency_ms_dense"].median() < 5:
         lines.append(f"These forward passes take only {ok['latency_ms_dense'].median():.1f} ms (dense, median): "
-                     f"noise from other work on the machine can dominate; raise latency.batch_size, "
-                     f"latency.seq_len or latency.repeats for firmer figures.")
+                     f"timer noise can dominate; raise latency.batch_size, latency.seq_len or latency.repeats "
+                     f"for firmer figures.")
     return lines + ["", markdown(speed_table(df)), ""]
 
 

@@ -1,5 +1,6 @@
 """Run a sweep: prepare once, share through the object store, run the trials with Tune until every
-trial has a row (recovering from the one failure Tune does not retry by itself), write the report.
+trial has a row (recovering from the one failure Tune does not retry by itself), measure the
+latency of each distinct compressed shape, write the report.
 
 `--resume` keeps what `trials.parquet` (written atomically after every trial) says is finished and
 runs the rest with a fresh Tuner over the same experiment folder. `Tuner.restore` is not used:
@@ -22,6 +23,7 @@ import ray
 from compression.errors import UserInputError
 from sweeps import __version__
 from sweeps.analysis import checkpoints_to_drop
+from sweeps.latency import measure_latency
 from sweeps.prepare import Prepared, prepare
 from sweeps.report import about, write_report
 from sweeps.shared import put_shared
@@ -135,23 +137,23 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
 
     wall = time.perf_counter()
     kept = _kept_rows(spec, directory) if (resume and stored) else []
-    prepared = prepare(spec)
-    record = {"name": spec.name, "spec_hash": spec.spec_hash, "version": __version__,
-              "calibration_key": prepared.calibration_key, "spec": spec.model_dump(mode="json")}
-    write_file(directory, SWEEP_FILE, json.dumps(record, indent=2).encode())
-    keep = spec.checkpoints.keep
-    table = ResultsTable(directory, [prepared.dense_row, *kept],
-                         drop_checkpoints=lambda df: checkpoints_to_drop(df, keep))
-    table.write()
-    if kept:
-        log.info(f"resume: keeping {len(kept)} finished trial(s) from {directory}")
-    if started_ray:
-        init = {"address": address, "include_dashboard": False, "log_to_driver": False,
-                "logging_level": logging.WARNING}
-        if local:
-            init["num_cpus"] = int(local_resources()[0])
-        ray.init(**init)
+    # a sweep that reserves GPUs calibrates on one: on a cluster whose driver has none, through Ray
+    early_ray = started_ray and spec.resources.gpu > 0 and not _local_cuda()
+    if early_ray:
+        _init_ray(address, local)
     try:
+        prepared = prepare(spec)
+        record = {"name": spec.name, "spec_hash": spec.spec_hash, "version": __version__,
+                  "calibration_key": prepared.calibration_key, "spec": spec.model_dump(mode="json")}
+        write_file(directory, SWEEP_FILE, json.dumps(record, indent=2).encode())
+        keep = spec.checkpoints.keep
+        table = ResultsTable(directory, [prepared.dense_row, *kept],
+                             drop_checkpoints=lambda df: checkpoints_to_drop(df, keep))
+        table.write()
+        if kept:
+            log.info(f"resume: keeping {len(kept)} finished trial(s) from {directory}")
+        if started_ray and not early_ray:
+            _init_ray(address, local)
         shared = put_shared(spec, prepared)
         deadline = None
         if spec.limits.sweep_seconds is not None:  # what preparation left of the sweep's budget
@@ -164,8 +166,9 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
         same_study = bool(stored) and stored.get("spec_hash") == spec.spec_hash and spec.optuna is not None
         faults = run_trials(spec, prepared, shared, directory, table, deadline, restore_search=same_study,
                             callbacks=callbacks)
+        measure_latency(spec, shared, table)
     finally:
-        if started_ray:
+        if started_ray and ray.is_initialized():
             ray.shutdown()
     df = table.frame()
     timing = _timing(df, shared, prepared, {r.trial_id for r in kept}, time.perf_counter() - wall)
@@ -175,6 +178,19 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
     report = write_report(directory, df, f"Sweep {spec.name}", header, record["spec"])
     return SweepResult(directory=directory, report=report, table=df, calibration_key=prepared.calibration_key,
                        calibration_cached=prepared.calibration_cached, timing=timing, faults=faults)
+
+
+def _local_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _init_ray(address: str | None, local: bool) -> None:
+    init = {"address": address, "include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    if local:
+        init["num_cpus"] = int(local_resources()[0])
+    ray.init(**init)
 
 
 def run_trials(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: str, table: ResultsTable,

@@ -1,8 +1,9 @@
 """Into the Ray object store, once per sweep: the statistics, the data, the dense weights, and each
-method's ratio-independent decompositions (one Ray task per method, on a GPU worker when the sweep
-reserves GPUs). Everything reaches the workers through the object store, never through a path on
-the head; all of it is owned by the driver and stored on its node, so a worker node can die
-mid-sweep without taking shared state with it.
+method's ratio-independent decompositions. The decompositions of all methods run in one Ray task
+that takes every CPU of a node (nothing else runs while the trials wait for them) or the sweep's
+GPU, so the whitening methods whiten each input once between them. Everything reaches the workers
+through the object store, never through a path on the head; all of it is owned by the driver and
+stored on its node, so a worker node can die mid-sweep without taking shared state with it.
 """
 
 from __future__ import annotations
@@ -34,18 +35,37 @@ def trial_stats(stats: CalibrationStats) -> CalibrationStats:
 
 
 def _decompose_task(model_source: str, task: str, num_labels: int | None, seed: int, dense_state, stats,
-                    method: MethodConfig, device: str) -> tuple[dict, float]:
-    """Runs in a Ray worker: the ratio-independent decompositions of one method, and their seconds."""
+                    methods: list[MethodConfig], device: str, threads: int) -> list:
+    """Runs in a Ray worker: for each method, its decompositions (None when it failed) and its
+    seconds (or the error message), flat: [decs_1, seconds_1, decs_2, seconds_2, ...]."""
+    import torch
+
     from compression.apply import decompose_model
 
+    torch.set_num_threads(threads)
     loaded = load_model(model_source, task=task, num_labels=num_labels, seed=seed)
     if dense_state is not None:
         loaded.model.load_state_dict(dense_state)
-    start = time.perf_counter()
-    out = decompose_model(loaded.model, stats, method, device=device if device != "cpu" else None)
-    seconds = time.perf_counter() - start
-    # back on the CPU before they are shared: trials on CPU-only nodes read the same objects
-    return {name: d.to("cpu") for name, d in out.items()}, seconds
+    whitenings: dict = {}  # shared by the whitening methods: each input is whitened once
+    out = []
+    for method in methods:
+        start = time.perf_counter()
+        try:
+            decs = decompose_model(loaded.model, stats, method, device=device if device != "cpu" else None,
+                                   whitenings=whitenings)
+        except Exception as e:  # noqa: BLE001 - its trials fail with this message and the sweep goes on
+            out += [None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"]
+            continue
+        # back on the CPU before they are shared: trials on CPU-only nodes read the same objects
+        out += [{name: d.to("cpu") for name, d in decs.items()}, time.perf_counter() - start]
+    return out
+
+
+def _decomposition_cpus(spec: SweepSpec) -> int:
+    """CPUs of the decomposition task: every CPU of the largest node (at least a trial's)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    largest = max((int(n.get("Resources", {}).get("CPU", 0)) for n in nodes), default=1)
+    return max(1, int(spec.resources.cpu), largest)
 
 
 def put_shared(spec: SweepSpec, prepared: Prepared) -> Shared:
@@ -58,28 +78,34 @@ def put_shared(spec: SweepSpec, prepared: Prepared) -> Shared:
     dense_ref = ray.put(prepared.dense_state) if prepared.dense_state is not None else None
     res = spec.resources
     device = "cuda" if res.gpu > 0 else "cpu"
-    # a crashed worker is retried (limits.retries); a Python exception is not (retry_exceptions=False)
-    task = ray.remote(num_cpus=res.cpu, num_gpus=res.gpu, num_returns=2,
-                      max_retries=spec.limits.retries)(_decompose_task)
+    cpus = _decomposition_cpus(spec) if res.gpu == 0 else max(1, int(res.cpu))
     methods = {m.key: m for m in method_configs(spec)}
-    refs = {key: task.remote(spec.model, spec.task.type, data["num_labels"], spec.seed, dense_ref, stats_ref,
-                             method, device)
-            for key, method in methods.items()}
-    seconds, decompositions = {}, {}
-    for key, (decomposition_ref, seconds_ref) in refs.items():
+    # a crashed worker is retried (limits.retries); a Python exception is caught per method
+    task = ray.remote(num_cpus=cpus, num_gpus=res.gpu, num_returns=2 * len(methods),
+                      max_retries=spec.limits.retries)(_decompose_task)
+    refs = task.remote(spec.model, spec.task.type, data["num_labels"], spec.seed, dense_ref, stats_ref,
+                       list(methods.values()), device, cpus)
+    seconds, decompositions, errors = {}, {}, {}
+    for i, key in enumerate(methods):
+        decomposition_ref, outcome_ref = refs[2 * i], refs[2 * i + 1]
         try:
-            seconds[key] = ray.get(seconds_ref)
-            # Owned by the driver from here: the copy the task left lives on the node that ran it,
-            # and if that node dies mid-sweep Ray would have to run the task again for the trials
-            # that read it, while those trials hold every CPU it could run on (a deadlock we hit).
-            decompositions[key] = ray.put(ray.get(decomposition_ref))
-            log.info(f"decomposition {key}: {seconds[key]:.1f} s")
-        except Exception as e:  # noqa: BLE001 - its trials fail with this error and the sweep goes on
-            seconds[key], decompositions[key] = math.nan, decomposition_ref
-            log.warning(f"decomposition {key} failed: {str(e).strip().splitlines()[-1]}")
+            outcome = ray.get(outcome_ref)
+        except Exception as e:  # noqa: BLE001 - the task itself died past its retries: every method fails
+            outcome = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
+        if isinstance(outcome, str):
+            seconds[key], errors[key] = math.nan, outcome
+            log.warning(f"decomposition {key} failed: {outcome}")
+            continue
+        seconds[key] = outcome
+        # Owned by the driver from here: the copy the task left lives on the node that ran it,
+        # and if that node dies mid-sweep Ray would have to run the task again for the trials
+        # that read it, while those trials hold every CPU it could run on (a deadlock we hit).
+        decompositions[key] = ray.put(ray.get(decomposition_ref))
+        log.info(f"decomposition {key}: {seconds[key]:.1f} s")
     refs.clear()  # the tasks' own copies can go
     dense = prepared.dense_row
     return Shared(stats=ray.put(trial_stats(prepared.stats)), methods=methods, decompositions=decompositions,
+                  decomposition_errors=errors,
                   data=data_ref, dense_state=dense_ref, metric_dense=dense.metric, params_dense=dense.params_dense,
                   seconds_calibration=prepared.seconds_calibration, seconds_decompose=seconds,
                   calibration_key=prepared.calibration_key)

@@ -248,12 +248,14 @@ class Resources(Section):
 
 
 class Latency(Section):
-    """Forward latency measured in every trial, of the compressed and the dense model on the trial's
-    device: one batch of random token ids, the median of `repeats` timed runs after `warmup` untimed
-    ones (0 repeats: not measured). Does not change results: not part of the trial id."""
+    """Forward latency, measured after the trials, once per distinct compressed shape, in one Ray
+    task with a trial's resources (nothing else runs then): one batch of random token ids, the
+    dense and the compressed model's runs interleaved, `warmup` untimed rounds then `repeats` timed
+    ones (torch.utils.benchmark); median and interquartile range (0 repeats: not measured). Does
+    not change results: not part of the trial id."""
 
-    batch_size: PosInt = 1
-    seq_len: PosInt | None = Field(None, description="default: task.seq_len / task.max_length")
+    batch_size: PosInt = 8
+    seq_len: PosInt = 256
     repeats: int = Field(5, ge=0)
     warmup: int = Field(1, ge=0)
 

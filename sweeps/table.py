@@ -28,8 +28,9 @@ from trainables.contract import TrialRow
 
 COLUMNS: dict[str, str] = TrialRow.columns()  # column -> dtype, in file order
 # Columns a table written before they existed may lack (filled with missing values on reading).
-LATER_COLUMNS = ("latency_device", "latency_batch", "latency_seq_len", "latency_ms_dense", "latency_ms_compressed",
-                 "speedup", "checkpoint")
+LATER_COLUMNS = ("shape", "latency_device", "latency_batch", "latency_seq_len", "latency_ms_dense",
+                 "latency_ms_compressed", "latency_iqr_ms_dense", "latency_iqr_ms_compressed", "speedup",
+                 "speedup_flops", "checkpoint")
 REQUIRED = tuple(c for c in COLUMNS if c not in LATER_COLUMNS)
 CATEGORIES = ("status", "method", "allocation", "metric_name")
 JSON_COLUMNS = ("options", "group_ratios", "rank_plan")
@@ -80,6 +81,12 @@ class ResultsTable:
         self.write()  # first: the table never names a folder that is gone
         for folder in dropped:
             delete_dir(self.directory, folder)
+
+    def update(self, rows: list[TrialRow]) -> None:
+        """Replace rows that are in the table (by trial id) and write it once."""
+        for row in rows:
+            self.rows[row.trial_id] = row
+        self.write()
 
     def frame(self) -> pd.DataFrame:
         return frame(list(self.rows.values()))

@@ -22,13 +22,10 @@ from trainables.contract import TrialConfig
 
 def base_config(spec: SweepSpec) -> dict:
     """The `TrialConfig` fields every trial of the sweep shares."""
-    task = spec.task_settings()
-    latency = spec.latency.model_dump(mode="json")
-    latency["seq_len"] = latency["seq_len"] or task.get("seq_len") or task.get("max_length")
-    return {"model": spec.model, "task": task, "calibration": spec.calibration_settings(),
+    return {"model": spec.model, "task": spec.task_settings(), "calibration": spec.calibration_settings(),
             "finetune": spec.finetune_settings(), "seed": spec.seed,
             "resources": {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
-            "latency": latency, "checkpoints": {"keep": spec.checkpoints.keep}}
+            "checkpoints": {"keep": spec.checkpoints.keep}}
 
 
 def expand(spec: SweepSpec) -> list[TrialConfig]:

@@ -395,3 +395,27 @@ def test_shared_whitening_equals_per_layer_decomposition(llama):
         a1, b1 = shared[t.name].truncate(k, torch.float64)
         a2, b2 = alone.truncate(k, torch.float64)
         torch.testing.assert_close(a1 @ b1, a2 @ b2, rtol=0, atol=1e-10)
+
+
+def test_the_whitening_methods_of_a_sweep_whiten_each_input_once(llama, monkeypatch):
+    """With one `whitenings` dict shared by the calls, whiten, whiten-fw and whiten-fd build one
+    Whitening per input group between them, and decompose exactly as they do alone."""
+    from compression.methods import whitening
+
+    model, _, stats = llama
+    built = []
+    original = whitening.Whitening.__init__
+
+    def counting(self, gram, clamp=1e-12):
+        built.append(1)
+        original(self, gram, clamp)
+
+    monkeypatch.setattr(whitening.Whitening, "__init__", counting)
+    cache: dict = {}
+    together = {m: decompose_model(model, stats, m, store_dtype=torch.float64, whitenings=cache)
+                for m in ("whiten", "whiten-fw", "whiten-fd")}
+    assert len(built) == len({t.input_group for t in stats.targets})
+    for m, decs in together.items():
+        alone = decompose_model(model, stats, m, store_dtype=torch.float64)
+        for name, dec in decs.items():
+            assert torch.equal(dec.sigma, alone[name].sigma)

@@ -93,3 +93,25 @@ def test_compress_on_cuda_gives_the_cpu_model(llama, method):
         expected = on_cpu(**batch).logits
         got = on_gpu(**{k: v.cuda() for k, v in batch.items()}).logits.cpu()
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+
+
+@cuda
+def test_a_sweep_that_reserves_a_gpu_calibrates_on_it(tmp_path, monkeypatch):
+    """prepare() runs the calibration pass on the GPU the sweep reserves; the statistics come back
+    on the CPU and equal the CPU pass's to float32 accuracy."""
+    from sweeps.prepare import prepare
+    from sweeps.spec import parse_spec
+
+    monkeypatch.setenv("LRSWEEP_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"document {i} " + "some words of text " * 40 for i in range(30)))
+    base = {"name": "g", "model": "tiny:llama", "storage": str(tmp_path),
+            "task": {"type": "causal-lm", "eval": f"path:{text}", "seq_len": 32, "eval_windows": 2},
+            "calibration": {"samples": 4, "batch_size": 2}, "grid": {"method": ["whiten-fd"], "ratio": [0.3]}}
+    on_gpu = prepare(parse_spec(base | {"resources": {"gpu": 1}}), progress=False).stats
+    assert on_gpu.meta["device"].startswith("cuda") and on_gpu.block_importance.device.type == "cpu"
+    monkeypatch.setenv("LRSWEEP_CACHE", str(tmp_path / "cpu-cache"))  # the same key: computed again, on the CPU
+    on_cpu = prepare(parse_spec(base), progress=False).stats
+    assert on_cpu.meta["device"] == "cpu"
+    for g in on_cpu.grams:
+        torch.testing.assert_close(on_gpu.grams[g], on_cpu.grams[g], rtol=1e-5, atol=1e-6)

@@ -71,7 +71,7 @@ def test_unknown_limit_lists_the_allowed_keys():
 
 def test_memory_guard_reports_and_passes_under_the_limit(caplog):
     model = tiny_model("llama")
-    need = estimate_stats_bytes(model)
+    need = estimate_stats_bytes(model, gradients=False)  # the sweep's only method, svd, reads no Fisher
     with caplog.at_level("INFO", logger="lrsweep"):
         assert prepare.check_stats_memory(spec(stats_memory_gb=1.0), model) == need
     assert "calibration statistics:" in caplog.messages[0] and "estimated" in caplog.messages[0]
@@ -79,7 +79,7 @@ def test_memory_guard_reports_and_passes_under_the_limit(caplog):
 
 def test_memory_guard_default_is_half_the_available_memory(monkeypatch):
     model = tiny_model("llama")
-    need = estimate_stats_bytes(model)
+    need = estimate_stats_bytes(model, gradients=False)
     monkeypatch.setattr(prepare, "available_memory", lambda: 2 * need + 2)
     prepare.check_stats_memory(spec(), model)
     monkeypatch.setattr(prepare, "available_memory", lambda: 2 * need - 2)

@@ -14,7 +14,7 @@ from compression.methods import (
     decompose,
     pivoted_cholesky,
     select_neurons,
-    whitening_factor,
+    Whitening,
 )
 
 F64 = torch.float64
@@ -151,12 +151,12 @@ def test_whiten_fd_loss_is_fisher_estimate_in_unnormalised_units(case):
     g = stats.neuron_fisher
     d = dec("whiten-fd", w, stats)
     assert d.loss_scale == pytest.approx(float(g.mean()), rel=1e-12)
-    s = whitening_factor(stats.gram)
+    s = Whitening(stats.gram).factor()
     rank = min(m, t, n - dead)
     for k in (1, 4, rank - 3):
         a, b = d.truncate(k, F64)
         e = w - a @ b
-        # ||D_unnorm (W - W') S||^2 with D_unnorm = diag(sqrt(g))
+        # ||D_unnorm (W - W') S||^2 with D_unnorm = diag(sqrt(g)), S S^T = G + delta I
         assert float((g.sqrt()[:, None] * e @ s).square().sum()) == pytest.approx(float(d.loss_curve()[k]), rel=1e-9)
         # = sum over tokens of sum_i g_i e_ti^2 on the calibration data
         fisher = float((g[:, None] * (e @ x).square()).sum())
@@ -315,3 +315,45 @@ def test_results_stay_on_the_weight_device():
     assert kept.is_cuda and down.is_cuda
     kept_cpu, down_cpu = select_neurons(hid @ hid.T, wd).select(16)
     assert torch.equal(kept.cpu(), kept_cpu)
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12), (20, 20)], ids=["wide", "tall", "square"])
+@pytest.mark.parametrize("right", ["none", "diagonal", "whitening"])
+def test_the_smaller_side_gives_the_svd_of_m(shape, right):
+    """U and Sigma from M M^T (wide) or from M^T M and a QR (tall) are those of a direct SVD of
+    M = L W R, and the rank-k product is the SVD's truncation pulled back through L."""
+    from compression.methods.factors import weighted_svd
+
+    m, n = shape
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(m, n, generator=gen, dtype=F64)
+    row = torch.rand(m, generator=gen, dtype=F64) + 0.5
+    x = torch.randn(n, 3 * n, generator=gen, dtype=F64) * torch.logspace(0, -1, n, dtype=F64)[:, None]
+    r = {"none": None, "diagonal": torch.rand(n, generator=gen, dtype=F64) + 0.5,
+         "whitening": Whitening(x @ x.T)}[right]
+    dense_r = {"none": torch.eye(n, dtype=F64), "diagonal": torch.diag(r) if right == "diagonal" else None,
+               "whitening": r.factor() if right == "whitening" else None}[right]
+    d = weighted_svd(w, row, r, store_dtype=F64)
+    mat = (row[:, None] * w) @ dense_r
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    torch.testing.assert_close(d.sigma, s, rtol=1e-9, atol=1e-12 * float(s[0]))
+    for k in (1, min(m, n) // 2, min(m, n)):
+        a, b = d.truncate(k, F64)
+        best = (u[:, :k] * s[:k]) @ vh[:k]  # Eckart-Young in the weighted space
+        torch.testing.assert_close((row[:, None] * (a @ b)) @ dense_r, best, rtol=1e-8, atol=1e-9 * float(s[0]))
+
+
+def test_whitening_is_the_regularised_gram_and_never_fails():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 6, generator=gen, dtype=F64)
+    x[:10] = 0.0  # dead inputs and fewer tokens than inputs: G has rank 6 of 40
+    gram = x @ x.T
+    wh = Whitening(gram, clamp=1e-12)
+    assert wh.delta == pytest.approx(1e-12 * float(gram.trace()))
+    torch.testing.assert_close(wh.gram, gram + wh.delta * torch.eye(40, dtype=F64), rtol=1e-15, atol=1e-15)  # symmetrised
+    s = wh.factor()
+    assert torch.isfinite(s).all() and torch.equal(s, torch.tril(s))
+    torch.testing.assert_close(s @ s.T, wh.gram, rtol=1e-10, atol=1e-10 * float(gram.diagonal().max()))
+    assert wh.factor() is s  # made once
+    zero = Whitening(torch.zeros(5, 5, dtype=F64))
+    assert torch.equal(zero.gram, torch.eye(5, dtype=F64)) and torch.equal(zero.factor(), torch.eye(5, dtype=F64))

@@ -58,6 +58,7 @@ def sweep(corpus, storage, name, **extra):
         "calibration": {"samples": 8, "batch_size": 4},
         "finetune": {"steps": 2, "batch_size": 2, "lr": 1e-3, "eval_every": 1},
         "resources": {"cpu": 1, "max_concurrent": 2},
+        "latency": {"batch_size": 2, "seq_len": 32, "repeats": 3},
         "storage": str(storage),
         **extra,
     }

@@ -22,7 +22,7 @@ from typing import Any
 from compression.methods import method_key
 
 # TrialConfig fields that do not change a trial's results: left out of its id.
-NOT_IDENTITY = ("resources", "latency", "checkpoints")
+NOT_IDENTITY = ("resources", "checkpoints")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,6 @@ class TrialConfig:
     group_ratios: dict | None = None
     granularity: str | None = None
     resources: dict = field(default_factory=lambda: {"cpu": 1.0, "gpu": 0.0})
-    latency: dict = field(default_factory=dict)
     checkpoints: dict = field(default_factory=lambda: {"keep": 0})
 
     def identity(self) -> dict:
@@ -121,13 +120,18 @@ class TrialRow:
     seconds_eval: float = math.nan
     seconds_finetune: float = math.nan
     rank_plan: str = "{}"                # JSON of compression.allocation.RankPlan.to_dict()
+    shape: str = ""                      # compression.cost.shape_key of the compressed model (its layer shapes)
     calibration_key: str = ""            # which cached statistics the trial used (the same for all rows)
-    latency_device: str = ""             # where latency was measured: "cpu (1 thread)", "cuda (NVIDIA H100 ...)"
+    # forward latency of one batch, measured after the trials once per distinct shape (sweeps/latency.py)
+    latency_device: str = ""             # where: "cpu (1 thread)", "cuda (NVIDIA H100 ...)"
     latency_batch: int | None = None     # sequences per forward pass
     latency_seq_len: int | None = None   # tokens per sequence
-    latency_ms_dense: float = math.nan   # the dense model, measured in the same trial (interleaved runs)
+    latency_ms_dense: float = math.nan   # median; the dense model, its runs interleaved with the compressed one's
     latency_ms_compressed: float = math.nan
+    latency_iqr_ms_dense: float = math.nan       # interquartile range of the runs: the spread
+    latency_iqr_ms_compressed: float = math.nan
     speedup: float = math.nan            # latency_ms_dense / latency_ms_compressed (< 1: slower than dense)
+    speedup_flops: float = math.nan      # dense / compressed FLOPs per token at latency_seq_len (compression.cost)
     checkpoint: str = ""                 # folder of the finetuned weights, relative to the sweep folder ("" = none)
 
     @classmethod

@@ -7,7 +7,6 @@ metrics with scikit-learn); nothing is fetched from the network.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -207,53 +206,3 @@ def evaluate(model: nn.Module, task: str, data, tokenizer=None, **kw) -> EvalRes
     if tokenizer is None:
         raise UserInputError("task 'classification' needs a tokenizer to evaluate")
     return classification_metrics(model, tokenizer, data, **kw)
-
-
-def latency_inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """Random token ids [batch_size, seq_len] within the model's vocabulary (seeded), for timing."""
-    _check_batch_size(batch_size)
-    limit = getattr(model.config, "max_position_embeddings", None) if hasattr(model, "config") else None
-    if limit is not None and seq_len > limit:
-        raise UserInputError(f"latency seq_len {seq_len} exceeds the model's {limit} positions")
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 256
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
-
-
-def device_label(device: torch.device) -> str:
-    """"cpu (2 threads)" or "cuda (NVIDIA H100 80GB HBM3)"."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    threads = torch.get_num_threads()
-    return f"{device.type} ({threads} thread{'s' if threads != 1 else ''})"
-
-
-def forward_latency(models: list[nn.Module], input_ids: torch.Tensor, repeats: int = 5, warmup: int = 1,
-                    device: str | torch.device | None = None) -> list[float]:
-    """Median wall seconds of one forward pass of each model on `input_ids` (attention mask of ones),
-    in inference mode. Runs are interleaved (model 1, model 2, ..., then again) so that every model
-    sees the same background load; `warmup` rounds are not timed. Each model is moved to `device`
-    (default: its own) and its training mode restored afterwards."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise UserInputError(f"repeats must be a positive integer, got {repeats!r}")
-    devices = [resolve_device(m, device) for m in models]
-    modes = [m.training for m in models]
-    times: list[list[float]] = [[] for _ in models]
-    try:
-        for m in models:
-            m.eval()
-        with torch.inference_mode():
-            for round_ in range(warmup + repeats):
-                for i, (m, dev) in enumerate(zip(models, devices)):
-                    ids = input_ids.to(dev)
-                    mask = torch.ones_like(ids)
-                    _sync(dev)
-                    start = time.perf_counter()
-                    m(input_ids=ids, attention_mask=mask)
-                    _sync(dev)
-                    if round_ >= warmup:
-                        times[i].append(time.perf_counter() - start)
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
-    return [statistics.median(t) for t in times]

@@ -46,9 +46,10 @@ from ray import tune
 from torch import nn
 
 from compression.apply import compress, plan_ranks
+from compression.cost import shape_key
 from compression.errors import UserInputError
 from trainables.contract import TrialConfig, TrialRow
-from trainables.evaluation import device_label, evaluate, forward_latency, latency_inputs
+from trainables.evaluation import evaluate
 from trainables.finetune import FinetuneConfig, finetune
 from trainables.sources import LoadedModel, load_model
 
@@ -60,7 +61,8 @@ class Shared:
     """What the launcher computed once and every trial reads (object refs, plus their costs).
 
     methods: method key -> its MethodConfig (a trial plans and compresses with it);
-    decompositions: method key -> object ref of its decompositions.
+    decompositions: method key -> object ref of its decompositions; decomposition_errors: method
+    key -> why its decompositions could not be computed (its trials fail with that message).
     data: {"eval": ..., "train": ...} (token windows [N, T] or (text, label) lists) and
     "num_labels" (classification). dense_state: weights of the task-finetuned dense classifier,
     None when the trials start from the model as loaded.
@@ -70,6 +72,7 @@ class Shared:
     methods: dict[str, Any]
     decompositions: dict[str, Any]
     data: Any
+    decomposition_errors: dict[str, str] = field(default_factory=dict)
     dense_state: Any = None
     metric_dense: float = math.nan
     params_dense: int = 0
@@ -132,21 +135,6 @@ def _report(row: TrialRow, stage: str, step: int = 0, checkpoint=None, **updates
     tune.report(row.to_dict() | {"stage": stage, "step": step}, checkpoint=checkpoint)
 
 
-def _latency(model: nn.Module, dense: nn.Module, settings: dict | None, device: torch.device) -> dict:
-    """Latency columns: the compressed and the dense model timed in interleaved runs on `device`."""
-    if not settings or not settings.get("repeats"):
-        return {}
-    ids = latency_inputs(model, settings["batch_size"], settings["seq_len"])
-    try:
-        compressed_s, dense_s = forward_latency([model, dense], ids, repeats=settings["repeats"],
-                                                warmup=settings.get("warmup", 1), device=device)
-    finally:
-        dense.to("cpu")  # the worker's cached dense model stays on the CPU
-    return {"latency_device": device_label(device), "latency_batch": settings["batch_size"],
-            "latency_seq_len": settings["seq_len"], "latency_ms_dense": 1000 * dense_s,
-            "latency_ms_compressed": 1000 * compressed_s, "speedup": dense_s / compressed_s}
-
-
 def _save_trained(model: nn.Module, folder: str) -> None:
     """The parameters finetuning changed (those that require grad; tied ones once), as safetensors."""
     from safetensors.torch import save_file
@@ -199,7 +187,8 @@ def _release_memory() -> None:
 
 
 def _run(config: TrialConfig, shared: Shared, row: TrialRow) -> None:
-    """The stages of a trial: plan and compress, measure latency, evaluate, finetune, evaluate."""
+    """The stages of a trial: plan and compress, evaluate, finetune, evaluate. (Latency is measured
+    after the trials, once per distinct shape: `sweeps/latency.py`.)"""
     task = config.task
     torch.set_num_threads(max(1, int(config.resources.get("cpu", 1))))
     torch.manual_seed(config.seed)
@@ -208,6 +197,9 @@ def _run(config: TrialConfig, shared: Shared, row: TrialRow) -> None:
 
     data = ray.get(shared.data)
     stats = ray.get(shared.stats)
+    if config.method_key in shared.decomposition_errors:  # the same error on every attempt: not retried
+        raise RuntimeError(f"the decompositions of {config.method_key} failed: "
+                           f"{shared.decomposition_errors[config.method_key]}")
     method = shared.methods[config.method_key]
     decompositions = ray.get(shared.decompositions[config.method_key])
     loaded = _dense_model(_from_launch_dir(config.model), task["type"], data.get("num_labels"), config.seed)
@@ -231,10 +223,9 @@ def _run(config: TrialConfig, shared: Shared, row: TrialRow) -> None:
     row.seconds_compress = time.perf_counter() - start
     row.achieved_ratio, row.params_compressed, row.size_mb = plan.achieved_ratio, params, size_mb
     row.rank_plan = json.dumps(plan.to_dict(), sort_keys=True)
+    row.shape = shape_key(model)
     del stats, decompositions
     model.to(device)
-    for name, value in _latency(model, loaded.model, config.latency, device).items():
-        setattr(row, name, value)
 
     def run_eval() -> float:
         kw = {"batch_size": task["eval_batch_size"], "device": device}

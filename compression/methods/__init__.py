@@ -42,7 +42,7 @@ from compression.methods.base import (
 )
 from compression.methods.factors import LowRankDecomposition, weighted_svd
 from compression.methods.neurons import NeuronDecomposition, pivoted_cholesky, select_neurons
-from compression.methods.whitening import whitening_factor
+from compression.methods.whitening import Whitening
 
 METHODS = tuple(registered())  # the built-in methods, in the order of the table above
 
@@ -62,8 +62,8 @@ __all__ = [
     "register",
     "registered",
     "select_neurons",
+    "Whitening",
     "weighted_svd",
-    "whitening_factor",
 ]
 
 
@@ -72,15 +72,15 @@ def decompose(
     weight: Tensor,
     stats: LayerStats | None = None,
     store_dtype: torch.dtype = torch.float32,
-    whitening: Tensor | None = None,
+    whitening: Whitening | None = None,
     **options,
 ) -> Factorization:
     """Decompose one weight [out, in] (float, on any device; results stay on that device) by
     `method` with `options` (e.g. alpha=0.5 for whiten-fd).
 
     store_dtype: dtype of the stored singular vectors / factors (float32 halves the memory; all
-    arithmetic is float64). whitening: a precomputed whitening factor of stats.gram to share
-    between layers that read the same input (whitening methods). For an MLP method, `weight` is
+    arithmetic is float64). whitening: a precomputed `Whitening` of stats.gram to share between
+    layers that read the same input (whitening methods). For an MLP method, `weight` is
     the MLP's down projection [h, f] and `stats.gram` the Gram of its input.
     """
     config = method_config(method, **options)

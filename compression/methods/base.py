@@ -22,7 +22,7 @@ import json
 import math
 import operator
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,9 @@ from tqdm.auto import tqdm
 from compression.allocation import Unit
 from compression.errors import UserInputError
 from compression.targets import MlpGroup, Target, find_mlps, weight_matrix
+
+if TYPE_CHECKING:
+    from compression.methods.whitening import Whitening
 
 
 @dataclass
@@ -177,8 +180,9 @@ class MethodConfig:
         raise NotImplementedError
 
     def decompose_model(self, model: nn.Module, stats, device: torch.device, store_dtype: torch.dtype,
-                        progress: bool = False) -> dict[str, Factorization]:
-        """unit name -> Factorization of every unit (see `compression.apply.decompose_model`)."""
+                        progress: bool = False, whitenings: dict | None = None) -> dict[str, Factorization]:
+        """unit name -> Factorization of every unit (see `compression.apply.decompose_model`).
+        `whitenings`: a cache of `Whitening`s to share between calls (methods) on the same stats."""
         raise NotImplementedError
 
     def check_stats(self, stats: LayerStats | None) -> LayerStats:
@@ -200,30 +204,36 @@ class MatrixMethod(MethodConfig):
     whitens: ClassVar[bool] = False  # uses S with S S^T = G: shared by the layers of one input group
 
     def decompose(self, weight: Tensor, stats: LayerStats | None = None, unit: Target | None = None,
-                  whitening: Tensor | None = None, store_dtype: torch.dtype = torch.float32) -> Factorization:
+                  whitening: Whitening | None = None, store_dtype: torch.dtype = torch.float32) -> Factorization:
         """The decomposition of one weight [out, in] (float, on any device; results stay there).
-        `whitening`: a precomputed whitening factor of stats.gram (whitening methods)."""
+        `whitening`: a precomputed `Whitening` of stats.gram (whitening methods)."""
         raise NotImplementedError
 
-    def whitening(self, gram: Tensor) -> Tensor:
-        """The whitening factor of a Gram matrix for this method's options (whitening methods)."""
+    def whitening(self, gram: Tensor) -> Whitening:
+        """The whitening of a Gram matrix for this method's options (whitening methods)."""
+        raise NotImplementedError
+
+    @property
+    def whitening_key(self) -> tuple:
+        """What a `Whitening` depends on besides the input (whitening methods: the clamp)."""
         raise NotImplementedError
 
     def units(self, model: nn.Module, stats) -> list[Target]:
         return list(stats.targets)
 
     def decompose_model(self, model: nn.Module, stats, device: torch.device, store_dtype: torch.dtype,
-                        progress: bool = False) -> dict[str, Factorization]:
-        whitenings: dict[str, Tensor] = {}  # input group -> its whitening factor, computed once
+                        progress: bool = False, whitenings: dict | None = None) -> dict[str, Factorization]:
+        whitenings = {} if whitenings is None else whitenings  # (input group, options, device) -> Whitening
         out = {}
         for target in tqdm(self.units(model, stats), desc=f"{self.name}: decompose", disable=not progress):
             layer_stats = stats.layer(target.name).to(device)
             weight = weight_matrix(model, target).detach().to(device)
             whitening = None
             if self.whitens:
-                if target.input_group not in whitenings:
-                    whitenings[target.input_group] = self.whitening(layer_stats.gram)
-                whitening = whitenings[target.input_group]
+                key = (target.input_group, self.whitening_key, str(device))
+                if key not in whitenings:
+                    whitenings[key] = self.whitening(layer_stats.gram)
+                whitening = whitenings[key]
             out[target.name] = self.decompose(weight, layer_stats, unit=target, whitening=whitening,
                                               store_dtype=store_dtype)
         return out
@@ -252,7 +262,7 @@ class MlpMethod(MethodConfig):
         return mlps
 
     def decompose_model(self, model: nn.Module, stats, device: torch.device, store_dtype: torch.dtype,
-                        progress: bool = False) -> dict[str, Factorization]:
+                        progress: bool = False, whitenings: dict | None = None) -> dict[str, Factorization]:
         by_name = {t.name: t for t in stats.targets}
         out = {}
         for mlp in tqdm(self.units(model, stats), desc=f"{self.name}: decompose", disable=not progress):

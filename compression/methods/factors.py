@@ -9,7 +9,17 @@ a right factor R (whitening S with S S^T = G, a feature scale diag(d), or I), th
 is a minimiser: L W' R = U_k U_k^T M is the best rank-k approximation of M (Eckart-Young), and
 W' has rank k. R is never inverted, so the identity holds when R is singular, and at full rank
 U U^T L W = L W whenever the column space of L W equals that of M (R invertible, which the
-clamped whitening guarantees). The loss of keeping rank k is the sum of the dropped sigma^2.
+regularised whitening guarantees). The loss of keeping rank k is the sum of the dropped sigma^2.
+W' = P W with P = L^-1 U_k U_k^T L a projection on the output side, so W' stays bounded on
+inputs the calibration data never excited.
+
+Only U and Sigma^2 are needed, and they come from the smaller side of M (`weighted_svd`), in
+float64, with no SVD and no eigendecomposition of G:
+
+- m <= n: M M^T = L W (R R^T) W^T L (m x m) gives U and Sigma^2 directly; for whitening,
+  R R^T is the (regularised) Gram matrix itself, so S is never formed;
+- m > n: M^T M = R^T W^T L^2 W R (n x n) gives V and Sigma^2; U is the orthonormal factor of
+  M V (a QR), exact at full rank even where Sigma is zero or tiny.
 
 The methods differ only in L, R and the units of the loss (each method's module says which).
 `importance_scale` is the diagonal scale of the Fisher-weighted ones: floored at `eps` times its
@@ -27,6 +37,7 @@ from torch import Tensor, nn
 from compression.allocation import Unit
 from compression.layers import replace_low_rank
 from compression.methods.base import bound_unit, check_rank
+from compression.methods.whitening import Whitening
 from compression.targets import Target, get_module
 
 
@@ -120,7 +131,7 @@ class LowRankDecomposition:
 def weighted_svd(
     weight: Tensor,
     row_scale: Tensor | None = None,
-    right: Tensor | None = None,
+    right: Tensor | Whitening | None = None,
     method: str = "svd",
     loss_scale: float = 1.0,
     store_dtype: torch.dtype = torch.float32,
@@ -128,25 +139,58 @@ def weighted_svd(
 ) -> LowRankDecomposition:
     """Decompose M = diag(row_scale) W R (float64) into a `LowRankDecomposition` (see above).
 
-    `right` is R [n, n'], a 1-D column scale d (R = diag(d)), or None (R = I).
+    `right` is R: None (R = I), a 1-D column scale d (R = diag(d)), a `Whitening` (R R^T = its
+    regularised Gram, R its Cholesky factor) or a matrix R [n, n].
     """
     lw = weight.to(torch.float64)
     if row_scale is not None:
         lw = row_scale[:, None] * lw
-    if right is None:
-        m = lw
-    else:  # a 1-D `right` is a column scale diag(right)
-        m = lw * right if right.dim() == 1 else lw @ right
-    u, sigma, _ = torch.linalg.svd(m, full_matrices=False)
+    u, squares = _output_side(lw, right) if lw.shape[0] <= lw.shape[1] else _input_side(lw, right)
     return LowRankDecomposition(
         method,
         left=u.to(store_dtype),
         right=(u.T @ lw).to(store_dtype),
-        sigma=sigma,
+        sigma=squares.clamp(min=0).sqrt(),
         row_scale=row_scale,
         loss_scale=loss_scale,
         unit=unit,
     )
+
+
+def _descending(values: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
+    return values.flip(0), vectors.flip(1)
+
+
+def _symmetric_eigh(a: Tensor) -> tuple[Tensor, Tensor]:
+    return _descending(*torch.linalg.eigh(0.5 * (a + a.T)))
+
+
+def _output_side(lw: Tensor, right: Tensor | Whitening | None) -> tuple[Tensor, Tensor]:
+    """U [m, m] and Sigma^2 from M M^T = (L W) (R R^T) (L W)^T."""
+    if right is None:
+        gram = lw @ lw.T
+    elif isinstance(right, Whitening):
+        gram = lw @ right.gram @ lw.T
+    elif right.dim() == 1:
+        gram = (lw * right.square()) @ lw.T
+    else:
+        lwr = lw @ right
+        gram = lwr @ lwr.T
+    squares, u = _symmetric_eigh(gram)
+    return u, squares
+
+
+def _input_side(lw: Tensor, right: Tensor | Whitening | None) -> tuple[Tensor, Tensor]:
+    """U [m, n] and Sigma^2 from M^T M (n x n): V, then U = the Q of M V (M V = U Sigma)."""
+    if right is None:
+        m = lw
+    elif isinstance(right, Whitening):
+        m = lw @ right.factor()
+    else:
+        m = lw * right if right.dim() == 1 else lw @ right
+    squares, v = _symmetric_eigh(m.T @ m)
+    u, _ = torch.linalg.qr(m @ v)
+    return u, squares
 
 
 def importance_scale(weights: Tensor, eps: float, power: float = 1.0) -> tuple[Tensor, float]:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from compression.methods.base import LayerStats, MatrixMethod, as_float64, check_weight, register
 from compression.methods.factors import LowRankDecomposition, importance_scale, weighted_svd
-from compression.methods.whitening import check_eps
+from compression.methods.whitening import Whitening, check_eps
 from compression.targets import Target
 
 
@@ -32,7 +32,7 @@ class FwSvd(MatrixMethod):
         check_eps(self.name, self.eps)
 
     def decompose(self, weight: Tensor, stats: LayerStats | None = None, unit: Target | None = None,
-                  whitening: Tensor | None = None, store_dtype: torch.dtype = torch.float32) -> LowRankDecomposition:
+                  whitening: Whitening | None = None, store_dtype: torch.dtype = torch.float32) -> LowRankDecomposition:
         check_weight(weight)
         stats = self.check_stats(stats)
         col = as_float64(stats.col_fisher, "col_fisher", (weight.shape[1],), weight.device)

@@ -7,7 +7,9 @@ gives W_d H ~ (W_d C) H_J: a narrower dense MLP (the caller keeps rows J of up/g
 Neuron order: column-pivoted QR of any square-root factor R of G (R^T R = G) picks, at each
 step, the column with the largest residual norm after projecting out the chosen ones; that
 residual norm^2 is the diagonal of the Schur complement of G, so greedy pivoted Cholesky on G
-itself gives the same pivots, in torch, on any device, and never needs R.
+itself gives the same pivots and never needs R. It is LAPACK's blocked `dpstrf` (through SciPy,
+on the CPU whatever the device of G: it takes well under a second for a 1536-wide MLP, where a
+step-by-step loop in torch took seven).
 
 With G[p, p] = L L^T (pivot order p = (J, rest)), the least-squares interpolation
 C = G[:, J] G[J, J]^-1 is [I; L21 L11^-1]: identity on the kept neurons (so k = f reproduces the
@@ -27,7 +29,9 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
+from scipy.linalg import lapack
 from torch import Tensor, nn
 
 from compression.allocation import Unit
@@ -38,32 +42,27 @@ from compression.targets import MLP_ROLE, MlpGroup, get_module
 
 
 def pivoted_cholesky(gram: Tensor, rtol: float = 1e-10) -> tuple[Tensor, Tensor, Tensor]:
-    """Greedy pivoted Cholesky of a PSD G [f, f] (float64).
+    """Greedy pivoted Cholesky of a PSD G [f, f] (float64): at each step the largest remaining
+    diagonal is the pivot, until it falls to `rtol` times the largest diagonal of G.
 
     Returns (order [f] long, factor [f, r] with G ~ factor @ factor.T in ORIGINAL row order and
-    column j belonging to pivot order[j], residual diagonal [f] after r steps), r = numerical rank.
+    column j belonging to pivot order[j], residual diagonal [f] after r steps), r = numerical rank,
+    on the device of G.
     """
     f = gram.shape[0]
-    diag = gram.diagonal().clone().clamp(min=0)
-    tol = rtol * float(diag.max()) if f else 0.0
-    factor = gram.new_zeros(f, f)
-    taken = torch.zeros(f, dtype=torch.bool, device=gram.device)
-    order: list[int] = []
-    for j in range(f):
-        p = int(torch.argmax(diag.masked_fill(taken, -1.0)))
-        pivot = float(diag[p])
-        if pivot <= tol or pivot <= 0:
-            break
-        col = gram[:, p] - factor[:, :j] @ factor[p, :j]
-        col = col / pivot**0.5
-        col[taken] = 0.0
-        factor[:, j] = col
-        taken[p] = True
-        diag = (diag - col.square()).clamp(min=0)
-        diag[p] = 0.0
-        order.append(p)
-    r = len(order)
-    return torch.tensor(order, dtype=torch.long, device=gram.device), factor[:, :r], diag
+    g = gram.detach().to("cpu", torch.float64)
+    diag = g.diagonal().clamp(min=0)
+    top = float(diag.max()) if f else 0.0
+    if top <= 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty.to(gram.device), g.new_zeros(f, 0).to(gram.device), diag.to(gram.device)
+    lower, piv, rank, _ = lapack.dpstrf(g.numpy(), lower=1, tol=rtol * top)
+    order = torch.from_numpy(piv[:rank].astype("int64") - 1)
+    factor = g.new_zeros(f, rank)
+    factor[torch.from_numpy(piv.astype("int64") - 1)] = torch.from_numpy(np.tril(lower)[:, :rank])
+    resid = (diag - factor.square().sum(1)).clamp(min=0)
+    resid[order] = 0.0
+    return order.to(gram.device), factor.to(gram.device), resid.to(gram.device)
 
 
 class NeuronDecomposition:

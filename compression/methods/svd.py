@@ -10,6 +10,7 @@ from torch import Tensor
 
 from compression.methods.base import LayerStats, MatrixMethod, check_weight, register
 from compression.methods.factors import LowRankDecomposition, weighted_svd
+from compression.methods.whitening import Whitening
 from compression.targets import Target
 
 
@@ -22,6 +23,6 @@ class Svd(MatrixMethod):
     needs: ClassVar[tuple[str, ...]] = ()
 
     def decompose(self, weight: Tensor, stats: LayerStats | None = None, unit: Target | None = None,
-                  whitening: Tensor | None = None, store_dtype: torch.dtype = torch.float32) -> LowRankDecomposition:
+                  whitening: Whitening | None = None, store_dtype: torch.dtype = torch.float32) -> LowRankDecomposition:
         check_weight(weight)
         return weighted_svd(weight, method=self.name, store_dtype=store_dtype, unit=unit)

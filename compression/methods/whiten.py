@@ -15,7 +15,7 @@ from torch import Tensor
 
 from compression.methods.base import LayerStats, check_weight, register
 from compression.methods.factors import LowRankDecomposition, weighted_svd
-from compression.methods.whitening import WhiteningMethod
+from compression.methods.whitening import Whitening, WhiteningMethod
 from compression.targets import Target
 
 
@@ -26,7 +26,7 @@ class Whiten(WhiteningMethod):
     needs: ClassVar[tuple[str, ...]] = ("gram",)
 
     def decompose(self, weight: Tensor, stats: LayerStats | None = None, unit: Target | None = None,
-                  whitening: Tensor | None = None, store_dtype: torch.dtype = torch.float32) -> LowRankDecomposition:
+                  whitening: Whitening | None = None, store_dtype: torch.dtype = torch.float32) -> LowRankDecomposition:
         check_weight(weight)
         stats = self.check_stats(stats) if whitening is None else stats
         right = self.right_factor(stats, weight.shape[1], weight.device, whitening)

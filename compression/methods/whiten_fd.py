@@ -23,7 +23,7 @@ from torch import Tensor
 from compression.errors import UserInputError
 from compression.methods.base import LayerStats, as_float64, check_weight, register
 from compression.methods.factors import LowRankDecomposition, importance_scale, weighted_svd
-from compression.methods.whitening import WhiteningMethod, check_eps
+from compression.methods.whitening import Whitening, WhiteningMethod, check_eps
 from compression.targets import Target
 
 
@@ -45,7 +45,7 @@ class WhitenFd(WhiteningMethod):
                                  f"(0 = plain whiten), got {self.alpha}")
 
     def decompose(self, weight: Tensor, stats: LayerStats | None = None, unit: Target | None = None,
-                  whitening: Tensor | None = None, store_dtype: torch.dtype = torch.float32) -> LowRankDecomposition:
+                  whitening: Whitening | None = None, store_dtype: torch.dtype = torch.float32) -> LowRankDecomposition:
         check_weight(weight)
         stats = self.check_stats(stats)
         m, n = weight.shape

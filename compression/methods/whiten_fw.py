@@ -15,7 +15,7 @@ from torch import Tensor
 
 from compression.methods.base import LayerStats, as_float64, check_weight, register
 from compression.methods.factors import LowRankDecomposition, importance_scale, weighted_svd
-from compression.methods.whitening import WhiteningMethod, check_eps
+from compression.methods.whitening import Whitening, WhiteningMethod, check_eps
 from compression.targets import Target
 
 
@@ -33,7 +33,7 @@ class WhitenFw(WhiteningMethod):
         check_eps(self.name, self.eps)
 
     def decompose(self, weight: Tensor, stats: LayerStats | None = None, unit: Target | None = None,
-                  whitening: Tensor | None = None, store_dtype: torch.dtype = torch.float32) -> LowRankDecomposition:
+                  whitening: Whitening | None = None, store_dtype: torch.dtype = torch.float32) -> LowRankDecomposition:
         check_weight(weight)
         stats = self.check_stats(stats)
         m, n = weight.shape
