@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from compression.allocation import ALLOCATIONS
 from compression.errors import UserInputError
 from compression.methods import MethodConfig, method_config, registered
+from sweeps.storage import check_storage_string
 from trainables.finetune import SCHEDULES
 from trainables import sources
 
@@ -47,6 +48,21 @@ def check_source(source: str, kind: str) -> str:
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data):
+        """YAML `true` would pass as the number 1 (`seq_len: true`): refuse it where a number goes."""
+        for key, value in (data.items() if isinstance(data, dict) else ()):
+            values = value if isinstance(value, (list, tuple)) else [value]
+            field = cls.model_fields.get(key)
+            if field is not None and any(isinstance(v, bool) for v in values) and _takes_numbers(field.annotation):
+                raise ValueError(f"{key} is {json.dumps(value)}, a boolean; allowed: a number")
+        return data
+
+
+def _takes_numbers(annotation) -> bool:
+    return annotation in (int, float) or any(_takes_numbers(a) for a in typing.get_args(annotation))
 
 
 PosInt = Annotated[int, Field(ge=1)]
@@ -302,6 +318,7 @@ class SweepSpec(Section):
     seed: int = 0
 
     _model = field_validator("model")(lambda v: check_source(v, "model"))
+    _storage = field_validator("storage")(lambda v: check_storage_string(v))
 
     @field_validator("name")
     @classmethod
