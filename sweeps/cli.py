@@ -278,6 +278,20 @@ def _show_progress() -> None:
         logger.propagate = False
 
 
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "sources":
+        return _sources()
+    if args.command == "validate":
+        return _validate(args)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "calibrate":
+        return _calibrate(args)
+    if args.command in _ANALYSIS:
+        return _ANALYSIS[args.command](args)
+    return _run(args, file=quickstart_file())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from compression.errors import UserInputError
@@ -285,17 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     _show_progress()
 
     try:
-        if args.command == "sources":
-            return _sources()
-        if args.command == "validate":
-            return _validate(args)
-        if args.command == "run":
-            return _run(args)
-        if args.command == "calibrate":
-            return _calibrate(args)
-        if args.command in _ANALYSIS:
-            return _ANALYSIS[args.command](args)
-        return _run(args, file=quickstart_file())
+        code = _command(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in Python's final flush
+        return code
     except UserInputError as e:
         print(f"lrsweep: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

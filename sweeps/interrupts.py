@@ -1,9 +1,9 @@
 """Ctrl-C (SIGINT) during a sweep: never lost, and never raised half-way through Ray's startup.
 
-- `deferred()`: while Ray starts and the shared objects are put in its object store, a SIGINT is
-  remembered instead of raised (a KeyboardInterrupt raised inside `ray.init` leaves Ray half
-  started, and one raised in a callback of Ray's core can be swallowed there); when the block ends,
-  it is raised as a KeyboardInterrupt, before any trial starts.
+- `deferred()`: while Ray starts (a few seconds), a SIGINT is remembered instead of raised (a
+  KeyboardInterrupt raised inside `ray.init` leaves Ray half started, and one raised in a callback
+  of Ray's core can be swallowed there); when the block ends, it is raised as a KeyboardInterrupt,
+  before anything is put in Ray's object store or any trial starts.
 - `handler_kept()`: Tune installs its own SIGINT handler when a run starts (the first Ctrl-C stops
   the run and saves its state) and leaves it installed when the run ends; this puts back the
   handler from before, so a Ctrl-C after the Tune run interrupts the sweep instead of setting a

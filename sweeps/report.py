@@ -359,9 +359,9 @@ def _study(directory: str):
 def regenerate(experiment: str, out: str | None = None) -> tuple[str, list[str]]:
     """`lrsweep report`: report.md and figures of a sweep folder again, from its trials.parquet (and
     sweep.json for the header), into `out` (default: the sweep folder). Returns (report path, figures)."""
+    df = load_results(experiment)
     target = out or experiment
     check_location(target, "--out" if out else f"sweep folder {experiment}")
-    df = load_results(experiment)
     record = read_record(experiment)
     title = f"Sweep {record['name']}" if record and record.get("name") else f"Sweep {experiment}"
     spec = (record or {}).get("spec")

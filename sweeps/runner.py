@@ -166,14 +166,14 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
     if kept:
         log.info(f"resume: keeping {len(kept)} finished trial(s) from {directory}")
     try:
-        with interrupts.deferred():  # a Ctrl-C while Ray starts stops the sweep here, before any trial
-            if started_ray:
-                init = {"address": address, "include_dashboard": False, "log_to_driver": False,
-                        "logging_level": logging.WARNING}
-                if local:
-                    init["num_cpus"] = int(local_resources()[0])
+        if started_ray:
+            init = {"address": address, "include_dashboard": False, "log_to_driver": False,
+                    "logging_level": logging.WARNING}
+            if local:
+                init["num_cpus"] = int(local_resources()[0])
+            with interrupts.deferred():  # a Ctrl-C while Ray starts stops the sweep once it is up
                 ray.init(**init)
-            shared = put_shared(spec, prepared)
+        shared = put_shared(spec, prepared)
         deadline = None
         if spec.limits.sweep_seconds is not None:  # what preparation left of the sweep's budget
             deadline = wall + spec.limits.sweep_seconds

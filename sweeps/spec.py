@@ -318,7 +318,7 @@ class SweepSpec(Section):
     seed: int = 0
 
     _model = field_validator("model")(lambda v: check_source(v, "model"))
-    _storage = field_validator("storage")(lambda v: check_storage_string(v))
+    _storage = field_validator("storage")(lambda v: check_storage_string(v, what=""))
 
     @field_validator("name")
     @classmethod

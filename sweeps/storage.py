@@ -26,11 +26,11 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
-def check_storage_string(storage) -> str:
+def check_storage_string(storage, what: str = "storage ") -> str:
     """The storage setting itself: a non-empty local path or URI (an empty one would silently mean
     the current folder)."""
     if not isinstance(storage, str) or not storage.strip():
-        raise UserInputError(f"storage {storage!r} is empty; give a local folder (e.g. results) or a URI "
+        raise UserInputError(f"{what}{storage!r} is empty; give a local folder (e.g. results) or a URI "
                              f"(s3://bucket/prefix)")
     return storage
 
@@ -64,8 +64,8 @@ def check_location(directory: str, what: str) -> None:
     limit = os.pathconf(existing, "PC_NAME_MAX")
     for part in path.relative_to(existing).parts:
         if len(os.fsencode(part)) > limit:
-            raise UserInputError(f"{what}: the name {part[:24]}... in {directory} is {len(os.fsencode(part))} bytes "
-                                 f"long; the file system allows {limit}")
+            raise UserInputError(f"{what}: the folder name {part[:24]!r}... is {len(os.fsencode(part))} bytes long; "
+                                 f"the file system of {existing} allows {limit}")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".lrsweep-check-", dir=existing))
     except OSError as e:
@@ -81,9 +81,11 @@ def _exists(path: Path) -> bool:
 
 
 def sweep_directory(storage: str, name: str) -> str:
-    """`<storage>/<name>`; a local storage becomes an absolute path (Tune needs one)."""
+    """`<storage>/<name>`; a local storage becomes an absolute path (Tune needs one), a URI keeps its
+    query (`s3://bucket/prefix?endpoint_override=...` gives `s3://bucket/prefix/<name>?endpoint_override=...`)."""
     if is_uri(storage):
-        return f"{storage.rstrip('/')}/{name}"
+        base, sep, query = storage.partition("?")
+        return f"{base.rstrip('/')}/{name}{sep}{query}"
     return str(Path(storage).expanduser().resolve() / name)
 
 

@@ -175,8 +175,12 @@ def make_tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: s
         param_space = base_config(spec)
         tune_config = tune.TuneConfig(search_alg=search, num_samples=remaining, **common)
         total = remaining
-    storage_path, name = directory.rsplit("/", 1) if is_uri(directory) else (str(Path(directory).parent),
-                                                                               Path(directory).name)
+    if is_uri(directory):  # Tune takes the URI's query with the storage path
+        base, sep, query = directory.partition("?")
+        storage_path, name = base.rsplit("/", 1)
+        storage_path += sep + query
+    else:
+        storage_path, name = str(Path(directory).parent), Path(directory).name
     limits = spec.limits
     callback = ResultsCallback(table, total)
     run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=0, callbacks=[callback, *(callbacks or [])],
