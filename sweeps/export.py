@@ -187,9 +187,8 @@ def export_trial(directory: str, out: str | Path, trial: str | None = None, best
     lowrank.json's "extra" holds the trial's whole row (`TrialRow`), the sweep folder, whether
     the finetuned weights were loaded, and the metric of exactly this model."""
     from compression.io import check_output_folder, save_compressed
-    from sweeps.table import row_of
-
     from sweeps.storage import check_location
+    from sweeps.table import row_of
 
     directory = str(directory)
     check_device(device)
@@ -225,13 +224,13 @@ def check_device(device: str) -> str:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise UserInputError(f"--device {device!r} is not a device ({e}); allowed: cpu, cuda, cuda:N, mps") from None
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise UserInputError(f"--device {device!r}: allowed: cpu, cuda, cuda:N, mps")
     if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
         found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA"
         raise UserInputError(f"--device {device!r}: this machine has {found}; use --device cpu")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise UserInputError(f"--device {device!r}: this machine has no MPS device; use --device cpu")
-    if parsed.type not in ("cpu", "cuda", "mps"):
-        raise UserInputError(f"--device {device!r}: allowed: cpu, cuda, cuda:N, mps")
     return device
 
 
@@ -248,12 +247,13 @@ def _load(path: str | Path, kind: str, device: str):
 
     check_device(device)
     model, tokenizer, info = load_compressed(path, device=device)
-    can = {"causal": model.can_generate(), "classifier": _is_classifier(model)}
-    if not can[kind]:
-        other = {"causal": "classify", "classifier": "generate"}[kind]
-        hint = f"; use `lrsweep {other}`" if can[{"causal": "classifier", "classifier": "causal"}[kind]] else ""
-        what = "a causal language model (it cannot generate text)" if kind == "causal" else "a sequence classifier"
-        raise UserInputError(f"{path} holds a {info.get('architecture') or type(model).__name__}, not {what}{hint}")
+    generates, classifies = model.can_generate(), _is_classifier(model)
+    holds = f"{path} holds a {info.get('architecture') or type(model).__name__}"
+    if kind == "causal" and not generates:
+        raise UserInputError(f"{holds}, not a causal language model (it cannot generate text)"
+                             + ("; use `lrsweep classify`" if classifies else ""))
+    if kind == "classifier" and not classifies:
+        raise UserInputError(f"{holds}, not a sequence classifier" + ("; use `lrsweep generate`" if generates else ""))
     if tokenizer is None:
         raise UserInputError(f"{path} has no tokenizer files; export it with `lrsweep export` (which saves them)")
     return model, tokenizer

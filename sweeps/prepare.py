@@ -157,8 +157,8 @@ def _cached(path: Path, what: str, read):
     try:
         return read(path)
     except Exception as e:  # noqa: BLE001 - a cache is only a cache: whatever is wrong with it, recompute it
-        log.warning(f"{what} {path} cannot be used ({type(e).__name__}: {str(e).strip()[:200]}); computing "
-                    f"{'it' if what.endswith('weights') else 'them'} again")
+        log.warning(f"the cached {what} {path} cannot be used ({type(e).__name__}: {str(e).strip()[:200]}); "
+                    f"computed again, the file is replaced")
         return None
 
 

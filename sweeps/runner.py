@@ -29,7 +29,7 @@ from sweeps.report import about, write_report
 from sweeps.shared import put_shared
 from sweeps.spec import SweepSpec
 from sweeps.storage import SWEEP_FILE, TRIALS_FILE, check_location, read_file, sweep_directory, write_file
-from sweeps.study import Journal
+from sweeps.study import Journal, read_study
 from sweeps.table import ResultsTable, read_trials, rows_of, typed
 from sweeps.trials import check_resources, expand, local_resources, optuna_choices, trial_count
 from sweeps.tuning import make_tuner, trial_id
@@ -151,11 +151,13 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
 
     wall = time.perf_counter()
     kept = _kept_rows(spec, directory) if (resume and stored) else []
-    journal = None
-    if spec.optuna is not None:  # a resumed study goes on from its journal; a sweep run again starts over
-        same_study = bool(stored) and stored.get("spec_hash") == spec.spec_hash
-        journal = Journal(directory, spec.name).open(fresh=not (resume and same_study))
+    # a resumed Optuna study goes on from its journal (read now: a damaged one stops the sweep before
+    # any work); a sweep run again without resuming starts its study over
+    same_study = spec.optuna is not None and resume and bool(stored) and stored.get("spec_hash") == spec.spec_hash
+    if same_study:
+        read_study(directory)
     prepared = prepare(spec)
+    journal = Journal(directory, spec.name).open(fresh=not same_study) if spec.optuna is not None else None
     record = {"name": spec.name, "spec_hash": spec.spec_hash, "version": __version__,
               "calibration_key": prepared.calibration_key, "spec": spec.model_dump(mode="json")}
     write_file(directory, SWEEP_FILE, json.dumps(record, indent=2).encode())

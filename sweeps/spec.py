@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from compression.allocation import ALLOCATIONS
 from compression.errors import UserInputError
 from compression.methods import MethodConfig, method_config, registered
+from sweeps.section import Section
 from sweeps.storage import check_storage_string
 from trainables.finetune import SCHEDULES
 from trainables import sources
@@ -44,25 +45,6 @@ def check_source(source: str, kind: str) -> str:
         return sources.check_source(source, kind)
     except UserInputError as e:
         raise ValueError(str(e)) from None
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_booleans_for_numbers(cls, data):
-        """YAML `true` would pass as the number 1 (`seq_len: true`): refuse it where a number goes."""
-        for key, value in (data.items() if isinstance(data, dict) else ()):
-            values = value if isinstance(value, (list, tuple)) else [value]
-            field = cls.model_fields.get(key)
-            if field is not None and any(isinstance(v, bool) for v in values) and _takes_numbers(field.annotation):
-                raise ValueError(f"{key} is {json.dumps(value)}, a boolean; allowed: a number")
-        return data
-
-
-def _takes_numbers(annotation) -> bool:
-    return annotation in (int, float) or any(_takes_numbers(a) for a in typing.get_args(annotation))
 
 
 PosInt = Annotated[int, Field(ge=1)]

@@ -241,6 +241,9 @@ CASES: dict[str, Case] = {
                                                                 "allowed: at most 512"),
                                             sweep=with_(model="tiny:gpt2", task__seq_len=1024,
                                                         calibration__seq_len=1024)),
+    "an Optuna window beyond the positions": Case(["run", "s.yaml"], ("task.seq_len: 1024 tokens", "512 positions"),
+                                                  sweep=with_(OPTUNA, model="tiny:gpt2", task__seq_len=1024,
+                                                              calibration__seq_len=1024)),
     "latency beyond Llama's positions": Case(["calibrate", "s.yaml"], ("latency.seq_len: 4096 tokens", "512 positions"),
                                              sweep=with_(latency={"seq_len": 4096})),
     # -- storage ------------------------------------------------------------------------------------

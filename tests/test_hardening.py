@@ -148,7 +148,7 @@ def test_a_corrupt_calibration_cache_is_computed_again(calibrating, capsys):
     path.write_bytes(good[: len(good) // 2])
     assert cli.main(["calibrate", "s.yaml"]) == 0
     out = capsys.readouterr().out
-    assert f"calibration statistics {path} cannot be used" in out and "computing them again" in out
+    assert f"the cached calibration statistics {path} cannot be used" in out and "computed again" in out
     assert "saved to" in out
     again, before = load_file(path), load(good)  # the same statistics, whole again
     assert again.keys() == before.keys() and all(torch.equal(again[k], before[k]) for k in before)
