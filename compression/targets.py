@@ -54,6 +54,7 @@ from transformers.pytorch_utils import Conv1D
 from .errors import UserInputError
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
+LAYER_KINDS = ("linear", "conv1d")  # what `layer_kind` returns and `dense_layer` builds
 ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
 MLP_ROLE = "mlp"  # the role of a whole MLP (the unit of neuron pruning)
 
@@ -311,7 +312,7 @@ def dense_layer(
         if not bias:
             raise ValueError("Conv1D layers always have a bias")
         return Conv1D(out_features, in_features).to(dtype=dtype, device=device)
-    raise ValueError(f"layer kind must be 'linear' or 'conv1d', got {kind!r}")
+    raise ValueError(f"layer kind must be one of {LAYER_KINDS}, got {kind!r}")
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:

@@ -8,10 +8,11 @@ The Python API (what the CLI does, returning objects; see `sweeps.api`)::
     df = load_results(result.directory)                 # the trials table, typed
     front = pareto(df[df.status == "ok"], "size_mb", "metric")
 
-Modules, one idea each: `spec` (the sweep file), `trials` (what it runs), `prepare` (model, data,
-baseline, calibration cache), `shared` (the object store), `tuning` (Tune and Optuna), `runner`
-(the run and its recovery), `storage` and `table` (files and the results table), `analysis`,
-`report` and `plots`, `export`, `api`, `cli`. The names below are imported on first use, so
+Modules, one idea each: `spec` (the sweep file; `section` the base of its sections), `trials`
+(what it runs), `prepare` (model, data, baseline, calibration cache), `shared` (the object store),
+`tuning` (Tune and Optuna), `study` (the Optuna study's journal), `runner` (the run and its
+recovery), `interrupts` (Ctrl-C during a run), `storage` and `table` (files and the results
+table), `analysis`, `report` and `plots`, `export`, `api`, `cli`. The names below are imported on first use, so
 `import sweeps` (the CLI's first import) stays light.
 """
 

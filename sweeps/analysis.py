@@ -113,6 +113,9 @@ def find_trial(df: pd.DataFrame, trial_id: str) -> pd.Series:
         hits = df[ids.str.startswith(trial_id)]
     if len(hits) > 1:
         raise UserInputError(f"trial id {trial_id!r} is ambiguous: it starts {', '.join(hits['trial_id'])}")
+    if hits.empty and len(trial_id) < 4 and ids.str.startswith(trial_id).any():
+        raise UserInputError(f"trial id prefix {trial_id!r} is too short: give at least 4 characters of a trial "
+                             f"id (or the whole id)")
     if hits.empty:
         listed = ", ".join(ids.head(12)) + (" ..." if len(ids) > 12 else "")
         raise UserInputError(f"no trial {trial_id!r} in this sweep; its trials are: {listed}")

@@ -25,7 +25,7 @@ from compression.errors import UserInputError
 from compression.methods import MethodConfig
 from sweeps.runner import check_storage
 from sweeps.spec import NAME_PATTERN, SweepSpec, load_spec, parse_spec
-from sweeps.storage import sweep_directory
+from sweeps.storage import check_storage_string, sweep_directory
 from sweeps.trials import check_resources, expand, local_resources, method_configs, optuna_choices, trial_count
 from trainables.contract import TrialConfig
 
@@ -37,6 +37,8 @@ def load_sweep(source: str | os.PathLike | dict[str, Any], storage: str | None =
     spec = parse_spec(source, origin="sweep") if isinstance(source, dict) else load_spec(source)
     if name is not None and not re.fullmatch(NAME_PATTERN, name):
         raise UserInputError(f"name {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit)")
+    if storage is not None:
+        check_storage_string(storage)
     updates = {k: v for k, v in (("storage", storage), ("name", name)) if v is not None}
     return spec.model_copy(update=updates) if updates else spec
 

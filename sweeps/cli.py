@@ -13,14 +13,23 @@
     lrsweep classify OUT "text"          run an exported classifier
 
 A mistake in the input prints "lrsweep: error: <what and what is allowed>" and exits with
-status 2, before anything is started or written. `run` exits with status 3 when trials are left
-unfinished (Ctrl-C, or limits.sweep_seconds ran out): `--resume` runs them.
+status 2, before anything is started or written. Nothing lrsweep reads runs code (no serialised
+Python objects, no code of a model folder), and it never asks anything on stdin.
+
+exit statuses:
+  0    done (`run`: every trial has a final row, some of which may be failed trials)
+  2    a mistake in the input: nothing was started or written
+  3    `run`: trials are left to run (Ctrl-C, or limits.sweep_seconds ran out): `--resume` runs them
+  4    `run`: every trial of the sweep failed (their errors are in the table and report.md)
+  130  interrupted (Ctrl-C) in any other command
+  141  the reader of the output went away (e.g. `lrsweep compare A B | head`)
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib import resources
 
@@ -28,11 +37,15 @@ from sweeps import __version__
 
 EXIT_USER_ERROR = 2
 UNFINISHED = 3  # `run` ended with trials left to run (interrupted, or out of time): --resume runs them
+ALL_FAILED = 4  # `run`: no trial of the sweep finished
+INTERRUPTED = 130  # 128 + SIGINT
+BROKEN_PIPE = 141  # 128 + SIGPIPE, what a Unix tool dies with when its reader goes away
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrsweep", description="Ray Tune sweeps that compress transformer "
-                                     "language models with low-rank methods.")
+                                     "language models with low-rank methods.", epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lrsweep {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -163,7 +176,13 @@ def _run(args: argparse.Namespace, file: str | None = None) -> int:
 
     if file is not None:
         args.file = file
-    out = run_sweep(_load(args), address=args.address, resume=args.resume)
+    spec = _load(args)
+    try:
+        out = run_sweep(spec, address=args.address, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"lrsweep: interrupted; `lrsweep run {args.file} --resume` runs what is left (finished trials "
+              f"are kept)", file=sys.stderr)
+        return UNFINISHED
     print()
     print(format_table(out.table))
     print(f"\ntable:  {out.directory}/trials.parquet")
@@ -175,6 +194,11 @@ def _run(args: argparse.Namespace, file: str | None = None) -> int:
         print(f"lrsweep: {out.faults.unfinished} trial(s) did not finish (interrupted, or limits.sweep_seconds ran "
               f"out); `lrsweep run {args.file} --resume` runs them", file=sys.stderr)
         return UNFINISHED
+    trials = out.table[out.table["method"] != "dense"]
+    if len(trials) and (trials["status"] == "error").all():
+        print(f"lrsweep: every trial of the sweep failed ({len(trials)}); their errors are in the table and in "
+              f"{out.report}", file=sys.stderr)
+        return ALL_FAILED
     return 0
 
 
@@ -254,6 +278,20 @@ def _show_progress() -> None:
         logger.propagate = False
 
 
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "sources":
+        return _sources()
+    if args.command == "validate":
+        return _validate(args)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "calibrate":
+        return _calibrate(args)
+    if args.command in _ANALYSIS:
+        return _ANALYSIS[args.command](args)
+    return _run(args, file=quickstart_file())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from compression.errors import UserInputError
@@ -261,23 +299,19 @@ def main(argv: list[str] | None = None) -> int:
     _show_progress()
 
     try:
-        if args.command == "sources":
-            return _sources()
-        if args.command == "validate":
-            return _validate(args)
-        if args.command == "run":
-            return _run(args)
-        if args.command == "calibrate":
-            return _calibrate(args)
-        if args.command in _ANALYSIS:
-            return _ANALYSIS[args.command](args)
-        return _run(args, file=quickstart_file())
+        code = _command(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in Python's final flush
+        return code
     except UserInputError as e:
         print(f"lrsweep: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("lrsweep: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+    except BrokenPipeError:
+        # the reader closed the pipe: say nothing more, and let Python's final flush go nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -74,20 +74,13 @@ def _statistics(spec, key: str):
     """(statistics, task-finetuned dense weights or None, the loaded dense model or None) of
     calibration key `key`: from the cache, else computed again when the sweep's settings still give
     `key` (which loads the model, returned so it is not loaded twice)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from compression.calibration import CalibrationStats
-    from sweeps.prepare import calibration_cache, calibration_key, stats_for
+    from sweeps.prepare import cached_dense_weights, cached_stats, calibration_cache, calibration_key, stats_for
 
     folder = calibration_cache()
-    stats_path, dense_path = folder / f"{key}.safetensors", folder / f"{key}.dense.safetensors"
-    classification = spec.task.type == "classification"
-    if stats_path.is_file() and (dense_path.is_file() or not classification):
-        with safe_open(str(stats_path), framework="pt") as f:
-            metadata = f.metadata()
-        return (CalibrationStats.from_tensors(load_file(str(stats_path)), metadata),
-                load_file(str(dense_path)) if classification else None, None)
+    stats = cached_stats(key)
+    dense = cached_dense_weights(key) if spec.task.type == "classification" else None
+    if stats is not None and (dense is not None or spec.task.type != "classification"):
+        return stats, dense, None
     if key not in (calibration_key(spec), calibration_key(spec, gradients=True)):
         raise UserInputError(
             f"the calibration statistics {key} of this trial are not in the cache ({folder}), and the "
@@ -99,6 +92,7 @@ def _statistics(spec, key: str):
 
 
 def _finetuned_weights(directory: str, row: pd.Series) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
     from sweeps.storage import read_file
@@ -110,7 +104,12 @@ def _finetuned_weights(directory: str, row: pd.Series) -> dict[str, torch.Tensor
         raise UserInputError(f"the finetuned weights of trial {row['trial_id']} ({folder}/{CHECKPOINT_WEIGHTS}) "
                              f"are missing from {directory}; export the model as compressed, before finetuning "
                              f"(before_finetune; --before-finetune on the command line)")
-    return load(data)
+    try:
+        return load(data)
+    except SafetensorError as e:
+        raise UserInputError(f"the finetuned weights of trial {row['trial_id']} ({folder}/{CHECKPOINT_WEIGHTS}) "
+                             f"are damaged ({e}); export the model as compressed, before finetuning "
+                             f"(before_finetune; --before-finetune on the command line)") from None
 
 
 def rebuild(directory: str, row: pd.Series, before_finetune: bool = False, device: str = "cpu") -> Rebuilt:
@@ -187,10 +186,13 @@ def export_trial(directory: str, out: str | Path, trial: str | None = None, best
     """`lrsweep export`: choose a trial, rebuild its model, write it with `save_compressed`.
     lowrank.json's "extra" holds the trial's whole row (`TrialRow`), the sweep folder, whether
     the finetuned weights were loaded, and the metric of exactly this model."""
-    from compression.io import save_compressed
+    from compression.io import check_output_folder, save_compressed
+    from sweeps.storage import check_location
     from sweeps.table import row_of
 
     directory = str(directory)
+    check_device(device)
+    check_location(str(check_output_folder(out)), "--out")  # before the model is rebuilt
     df = load_results(directory)
     row = choose(df, trial=trial, best=best, max_ratio=max_ratio, min_ratio=min_ratio)
     built = rebuild(directory, row, before_finetune=before_finetune, device=device)
@@ -216,17 +218,42 @@ def describe(built: Rebuilt) -> str:
 # -- running an exported model --------------------------------------------------------------------
 
 
+def check_device(device: str) -> str:
+    """`device` when this machine has it (cpu, cuda, cuda:N, mps); UserInputError naming what it has."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserInputError(f"--device {device!r} is not a device ({e}); allowed: cpu, cuda, cuda:N, mps") from None
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise UserInputError(f"--device {device!r}: allowed: cpu, cuda, cuda:N, mps")
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA"
+        raise UserInputError(f"--device {device!r}: this machine has {found}; use --device cpu")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError(f"--device {device!r}: this machine has no MPS device; use --device cpu")
+    return device
+
+
+def _is_classifier(model) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    return type(model).__name__ in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()
+
+
 def _load(path: str | Path, kind: str, device: str):
+    """An exported model that can do `kind` ("causal": generate text; "classifier": label it),
+    decided by what the model can do, not by its class name."""
     from compression.io import load_compressed
 
+    check_device(device)
     model, tokenizer, info = load_compressed(path, device=device)
-    architecture = str(info.get("architecture", ""))
-    other = {"causal": ("ForSequenceClassification", "classify"), "classifier": ("ForCausalLM", "generate")}[kind]
-    wanted = "ForCausalLM" if kind == "causal" else "ForSequenceClassification"
-    if not architecture.endswith(wanted):
-        hint = f"; use `lrsweep {other[1]}`" if architecture.endswith(other[0]) else ""
-        what = "a causal language model" if kind == "causal" else "a sequence classifier"
-        raise UserInputError(f"{path} holds a {architecture or 'model of unknown architecture'}, not {what}{hint}")
+    generates, classifies = model.can_generate(), _is_classifier(model)
+    holds = f"{path} holds a {info.get('architecture') or type(model).__name__}"
+    if kind == "causal" and not generates:
+        raise UserInputError(f"{holds}, not a causal language model (it cannot generate text)"
+                             + ("; use `lrsweep classify`" if classifies else ""))
+    if kind == "classifier" and not classifies:
+        raise UserInputError(f"{holds}, not a sequence classifier" + ("; use `lrsweep generate`" if generates else ""))
     if tokenizer is None:
         raise UserInputError(f"{path} has no tokenizer files; export it with `lrsweep export` (which saves them)")
     return model, tokenizer

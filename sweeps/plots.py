@@ -14,9 +14,9 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogFormatter
 
-from sweeps.analysis import finished, higher_is_better, metric_name, pareto
+from sweeps.analysis import finished, metric_name, pareto
 
 DPI = 100
 DENSE_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.2}
@@ -219,45 +219,59 @@ def rank_heatmap(row: pd.Series) -> bytes | None:
     return _png(fig)
 
 
-def optuna_history(df: pd.DataFrame) -> bytes | None:
-    """The Optuna trials' final metric in the order they finished, with the best so far (one line
-    per budget when the study searched several)."""
-    ok = finished(df[df["allocation"] == "optuna"])
-    if ok.empty:
-        return None
-    name = metric_name(df)
-    higher = higher_is_better(name)
-    fig, (axis,) = _figure(6.4, 4.0)
-    order = np.arange(1, len(ok) + 1)
-    ok = ok.assign(_n=order)
-    ratios = sorted(ok["target_ratio"].unique())
-    colours = _colours([f"{100 * r:.0f} %" for r in ratios])
-    for ratio in ratios:
-        part = ok[ok["target_ratio"] == ratio]
-        label = f"{100 * ratio:.0f} %"
-        values = _shown(name, part["metric"])
-        best = np.maximum.accumulate(values) if higher else np.minimum.accumulate(values)
-        axis.scatter(part["_n"], values, s=18, color=colours[label], alpha=0.6,
-                     label=f"trial, {label} removed" if len(ratios) > 1 else "trial")
-        axis.step(part["_n"], best, where="post", color=colours[label], linewidth=1.4,
-                  label=f"best so far, {label} removed" if len(ratios) > 1 else "best so far")
-    dense = _dense(df)
-    if dense is not None:
-        axis.axhline(_shown(name, [dense["metric"]])[0], label="dense baseline", **DENSE_STYLE)
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_xlabel("trial (in the order it finished)")
-    axis.set_title(f"Optuna: {name} per trial")
-    _metric_axis(axis, name)
-    axis.legend(fontsize=7)
-    return _png(fig)
+# -- an Optuna study: Optuna's own plots, from the study's journal (sweeps.study) ---------------------
+
+MIN_IMPORTANCE_TRIALS = 4  # fewer finished trials say nothing about which ratios matter
 
 
-def optuna_pareto(df: pd.DataFrame) -> bytes | None:
-    """Multi-objective Optuna study: its trials' metric against model size, with the front."""
-    optuna_rows = df[(df["allocation"] == "optuna") | (df["method"] == "dense")]
-    if finished(optuna_rows).empty:
+def _optuna_png(draw) -> bytes:
+    """PNG of one of `optuna.visualization.matplotlib`'s plots (`draw()` returns its Axes). Those
+    draw through pyplot: the figure is closed at once, so a notebook shows nothing of it."""
+    import warnings
+
+    from matplotlib import pyplot as plt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        axes = draw()
+    fig = np.ravel(axes)[0].figure
+    try:
+        return _png(fig)
+    finally:
+        plt.close(fig)
+
+
+def _finished_trials(study) -> list:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def optuna_history(study, metric: str) -> bytes | None:
+    """Optuna's optimisation history of the study: each trial's metric and the best so far."""
+    from optuna.visualization.matplotlib import plot_optimization_history
+
+    if not _finished_trials(study):
         return None
-    fig, (axis,) = _figure(6.4, 4.2)
-    _pareto_panel(axis, optuna_rows, "metric", f"Optuna: {metric_name(df)} vs size (final)")
-    axis.legend(fontsize=7)
-    return _png(fig)
+    target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
+    return _optuna_png(lambda: plot_optimization_history(study, target=target, target_name=metric))
+
+
+def optuna_importances(study, metric: str) -> bytes | None:
+    """Optuna's parameter importances (which group ratios and choices mattered for the metric), once
+    the study has `MIN_IMPORTANCE_TRIALS` finished trials."""
+    from optuna.visualization.matplotlib import plot_param_importances
+
+    if len(_finished_trials(study)) < MIN_IMPORTANCE_TRIALS:
+        return None
+    target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
+    return _optuna_png(lambda: plot_param_importances(study, target=target, target_name=metric))
+
+
+def optuna_pareto(study, metric: str) -> bytes | None:
+    """Optuna's Pareto front of a multi-objective study (metric and model size)."""
+    from optuna.visualization.matplotlib import plot_pareto_front
+
+    if len(study.directions) < 2 or not _finished_trials(study):
+        return None
+    return _optuna_png(lambda: plot_pareto_front(study, target_names=[metric, "size (MB)"]))

@@ -27,8 +27,9 @@ from sweeps.trials import method_configs
 from trainables.contract import TrialRow
 from trainables.evaluation import evaluate
 from trainables.finetune import FinetuneConfig, task_finetune_classifier
-from trainables.sources import LoadedModel, draw_windows, load_labelled, load_model
-from trainables.sources.packaged import cache_dir
+from sweeps.storage import check_location, write_file
+from trainables.sources import LoadedModel, draw_windows, load_labelled, load_model, max_positions
+from trainables.sources.packaged import CACHE_ENV, cache_dir
 from trainables.trial import model_size
 
 log = logging.getLogger("lrsweep")
@@ -150,10 +151,59 @@ def calibration_cache() -> Path:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file whole or not at all: a temporary file renamed over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cached(path: Path, what: str, read):
+    """`read(path)` of a cache file; None when there is none, or when it is damaged or does not fit
+    the model (a warning: it is computed again, and the new file replaces it)."""
+    if not path.is_file():
+        return None
+    try:
+        return read(path)
+    except Exception as e:  # noqa: BLE001 - a cache is only a cache: whatever is wrong with it, recompute it
+        log.warning(f"the cached {what} {path} cannot be used ({type(e).__name__}: {str(e).strip()[:200]}); "
+                    f"computed again, the file is replaced")
+        return None
+
+
+def cached_stats(key: str, model=None) -> CalibrationStats | None:
+    """The cached calibration statistics of `key` (checked against `model` when given), or None."""
+    def read(path: Path) -> CalibrationStats:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        stats = CalibrationStats.from_tensors(load_file(str(path)), metadata)
+        if model is not None:
+            stats.check_matches(model)
+        return stats
+
+    return _cached(calibration_cache() / f"{key}.safetensors", "calibration statistics", read)
+
+
+def cached_dense_weights(key: str, model=None) -> dict[str, torch.Tensor] | None:
+    """The cached task-finetuned dense weights of `key` (loaded into `model` when given), or None."""
+    def read(path: Path) -> dict[str, torch.Tensor]:
+        state = load_file(str(path))
+        if model is not None:
+            own = model.state_dict()
+            if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
+                raise ValueError(f"its tensors are not those of {type(model).__name__}")
+            model.load_state_dict(state)
+        return state
+
+    return _cached(calibration_cache() / f"{key}.dense.safetensors", "dense task-finetuned weights", read)
+
+
+def check_cache() -> None:
+    """UserInputError, before anything is computed, when the calibration cache cannot be written."""
+    check_location(str(calibration_cache()), f"the calibration cache ({CACHE_ENV})")
 
 
 # -- the memory guard -----------------------------------------------------------------------------
@@ -191,14 +241,30 @@ def check_stats_memory(spec: SweepSpec, model) -> int:
 # -- the steps --------------------------------------------------------------------------------------
 
 
+def check_positions(spec: SweepSpec, model) -> None:
+    """UserInputError when a token window of the sweep is longer than the model has positions
+    (GPT-2 would fail on it, rotary models would run beyond what they were trained for)."""
+    limit = max_positions(model.config)
+    if limit is None:
+        return
+    task, cal = spec.task_settings(), spec.calibration_settings()
+    for field, length in (("task.seq_len", task.get("seq_len")), ("task.max_length", task.get("max_length")),
+                          ("calibration.seq_len", cal["seq_len"]), ("latency.seq_len", spec.latency.seq_len)):
+        if length is not None and length > limit:
+            raise UserInputError(f"{field}: {length} tokens, but {spec.model} has {limit} positions "
+                                 f"(max_position_embeddings); allowed: at most {limit}")
+
+
 def _load(spec: SweepSpec, timings: dict[str, float]) -> tuple[LoadedModel, dict]:
     start = time.perf_counter()
     if spec.task.type == "causal-lm":
         loaded = load_model(spec.model, task="causal-lm", seed=spec.seed)
+        check_positions(spec, loaded.model)
         data = draw_text(spec, loaded.tokenizer)
     else:
         data = labelled(spec)
         loaded = load_model(spec.model, task="classification", num_labels=data["num_labels"], seed=spec.seed)
+        check_positions(spec, loaded.model)
     timings["load"] = time.perf_counter() - start
     log.info(f"model {spec.model}: {model_size(loaded.model)[0] / 1e6:.1f} M parameters, loaded in "
              f"{timings['load']:.1f} s")
@@ -211,8 +277,7 @@ def _dense_weights(spec: SweepSpec, loaded: LoadedModel, data: dict, key: str, t
     if spec.task.type != "classification":
         return None
     path = calibration_cache() / f"{key}.dense.safetensors"
-    if path.is_file():
-        loaded.model.load_state_dict(load_file(str(path)))
+    if cached_dense_weights(key, loaded.model) is not None:
         log.info(f"dense task finetune: reused {path}")
     else:
         start = time.perf_counter()
@@ -273,21 +338,18 @@ def _statistics(spec: SweepSpec, loaded: LoadedModel, data: dict, key: str, prog
     gradients = needs_gradients(spec)
     path = folder / f"{key}.safetensors"
     start = time.perf_counter()
-    cached = path.is_file()
+    stats = cached_stats(key, loaded.model)
+    cached = stats is not None
     if cached:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata()
-        stats = CalibrationStats.from_tensors(load_file(str(path)), metadata)
-        stats.check_matches(loaded.model)
         log.info(f"calibration: reused {path}")
     else:
         batches = _calibration_batches(spec, data, loaded.tokenizer)
         stats = _collect(spec, loaded, data, batches, gradients, progress)
         tensors, metadata = stats.to_tensors()
         _save_atomic(tensors, path, metadata)
-        (folder / f"{key}.json").write_text(json.dumps(
+        write_file(str(folder), f"{key}.json", json.dumps(
             {"key": key, "model": spec.model, "task": spec.task.type, "calibration": spec.calibration_settings(),
-             "meta": stats.meta}, indent=2))
+             "meta": stats.meta}, indent=2).encode())
         log.info(f"calibration: {stats.meta.get('sequences')} sequences in {stats.meta.get('seconds')} s"
                  f"{'' if gradients else ' (forward only: no method of the sweep needs gradients)'}, saved to {path}")
     return stats, cached, time.perf_counter() - start
@@ -298,6 +360,7 @@ def stats_for(spec: SweepSpec, progress: bool = True) -> Prepared:
     computed), without evaluating the dense baseline: what `export` rebuilds a trial from."""
     timings: dict[str, float] = {}
     key = cache_key(spec)
+    check_cache()
     loaded, data = _load(spec, timings)
     check_stats_memory(spec, loaded.model)  # fail before the dense finetune and calibration
     dense_state = _dense_weights(spec, loaded, data, key, timings)
@@ -310,6 +373,7 @@ def prepare(spec: SweepSpec, progress: bool = True) -> Prepared:
     """Load, (task-finetune,) evaluate the dense model, and calibrate (or load cached statistics)."""
     timings: dict[str, float] = {}
     key = cache_key(spec)
+    check_cache()
     loaded, data = _load(spec, timings)
     check_stats_memory(spec, loaded.model)  # fail before the dense baseline and calibration
     dense_state = _dense_weights(spec, loaded, data, key, timings)

@@ -10,6 +10,7 @@ as a factor (x, dense latency / compressed latency). Perplexity has no unit.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 
@@ -26,13 +27,18 @@ from sweeps.analysis import (
     pareto,
     slower_than_dense,
 )
-from sweeps.storage import REPORT_FILE, SWEEP_FILE, read_file, write_file
+from compression.errors import UserInputError
+from sweeps.storage import REPORT_FILE, SWEEP_FILE, check_location, read_file, write_file
+from sweeps.study import JOURNAL_FILE, read_study
 from sweeps.table import load_results, typed
+
+log = logging.getLogger("lrsweep")
 
 METRIC_VS_RATIO = "metric_vs_ratio.png"
 PARETO = "pareto.png"
 OPTUNA_HISTORY = "optuna_history.png"
 OPTUNA_PARETO = "optuna_pareto.png"
+OPTUNA_IMPORTANCES = "optuna_importances.png"
 
 
 def ranks_file(method: str) -> str:
@@ -260,9 +266,10 @@ def _image(name: str, alt: str) -> str:
     return f"![{alt}]({name})"
 
 
-def render(df: pd.DataFrame, title: str, about_lines: dict[str, str], spec: dict | None = None
+def render(df: pd.DataFrame, title: str, about_lines: dict[str, str], spec: dict | None = None, study=None
            ) -> tuple[str, dict[str, bytes]]:
-    """The text of report.md and its figures {file name: PNG bytes}."""
+    """The text of report.md and its figures {file name: PNG bytes}; `study`: the sweep's Optuna
+    study (`sweeps.study.read_study`), whose plots Optuna draws."""
     df = typed(df)
     name = metric_name(df)
     figures: dict[str, bytes] = {}
@@ -325,9 +332,13 @@ def render(df: pd.DataFrame, title: str, about_lines: dict[str, str], spec: dict
             optuna_rows["target_ratio"].nunique() > 1
         lines += ["## Optuna", "", f"{len(optuna_rows)} finished Optuna trials"
                   + (" (objectives: metric and model size)." if multi else " (objective: the metric)."), ""]
-        lines += figure(OPTUNA_HISTORY, lambda: plots.optuna_history(df), "Optuna optimisation history")
-        if multi:
-            lines += figure(OPTUNA_PARETO, lambda: plots.optuna_pareto(df), "Optuna Pareto front")
+        if study is not None:
+            lines += [f"The study is kept in `{JOURNAL_FILE}` (Optuna's journal storage; "
+                      f"`optuna-dashboard {JOURNAL_FILE}` opens it). Optuna's own plots of it:", ""]
+            lines += figure(OPTUNA_HISTORY, lambda: plots.optuna_history(study, name), "Optuna optimisation history")
+            lines += figure(OPTUNA_IMPORTANCES, lambda: plots.optuna_importances(study, name),
+                            "Optuna parameter importances")
+            lines += figure(OPTUNA_PARETO, lambda: plots.optuna_pareto(study, name), "Optuna Pareto front")
     lines += ["## All trials", "", markdown(display(df)) if not df.empty else "(none)", ""]
     failed = df[df["status"] == "error"]
     if not failed.empty:
@@ -345,21 +356,31 @@ def write_report(directory: str, df: pd.DataFrame, title: str, about_lines: dict
     `sweep.json` in `directory`, if any."""
     if spec is None:
         spec = (read_record(directory) or {}).get("spec")
-    text, figures = render(df, title, about_lines, spec)
+    text, figures = render(df, title, about_lines, spec, _study(directory))
     for file, png in figures.items():
         write_file(directory, file, png)
     return write_file(directory, REPORT_FILE, text.encode())
+
+
+def _study(directory: str):
+    """The sweep's Optuna study, None when it has none or its journal cannot be read (a warning)."""
+    try:
+        return read_study(directory)
+    except UserInputError as e:
+        log.warning(f"the Optuna plots are left out: {e}")
+        return None
 
 
 def regenerate(experiment: str, out: str | None = None) -> tuple[str, list[str]]:
     """`lrsweep report`: report.md and figures of a sweep folder again, from its trials.parquet (and
     sweep.json for the header), into `out` (default: the sweep folder). Returns (report path, figures)."""
     df = load_results(experiment)
+    target = out or experiment
+    check_location(target, "--out" if out else f"sweep folder {experiment}")
     record = read_record(experiment)
     title = f"Sweep {record['name']}" if record and record.get("name") else f"Sweep {experiment}"
     spec = (record or {}).get("spec")
-    target = out or experiment
-    text, figures = render(df, title, about(record, df), spec)
+    text, figures = render(df, title, about(record, df), spec, _study(experiment))
     for file, png in figures.items():
         write_file(target, file, png)
     return write_file(target, REPORT_FILE, text.encode()), sorted(figures)

@@ -3,9 +3,10 @@ trial has a row (recovering from the one failure Tune does not retry by itself),
 latency of each distinct compressed shape, write the report.
 
 `--resume` keeps what `trials.parquet` (written atomically after every trial) says is finished and
-runs the rest with a fresh Tuner over the same experiment folder. `Tuner.restore` is not used:
-Tune saves its experiment state at most every ~10 s, so a driver killed right after a trial
-finished would run it again; the table is the record that is always current.
+runs the rest with a fresh Tuner over the same experiment folder; an Optuna study goes on from its
+journal (`sweeps.study`). `Tuner.restore` is not used (nor any .pkl file Tune wrote): Tune saves its
+experiment state at most every ~10 s, so a driver killed right after a trial finished would run
+it again; the table is the record that is always current.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ import ray
 
 from compression.errors import UserInputError
 from sweeps import __version__
+from sweeps import interrupts
 from sweeps.analysis import checkpoints_to_drop
 from sweeps.latency import measure_latency
 from sweeps.prepare import Prepared, prepare
 from sweeps.report import about, write_report
 from sweeps.shared import put_shared
 from sweeps.spec import SweepSpec
-from sweeps.storage import SWEEP_FILE, read_file, sweep_directory, write_file
-from sweeps.table import ResultsTable, read_trials, rows_of
+from sweeps.storage import SWEEP_FILE, TRIALS_FILE, check_location, read_file, sweep_directory, write_file
+from sweeps.study import Journal, read_study
+from sweeps.table import ResultsTable, read_trials, rows_of, typed
 from sweeps.trials import check_resources, expand, local_resources, optuna_choices, trial_count
 from sweeps.tuning import make_tuner, trial_id
 from trainables.contract import TrialRow
@@ -90,12 +93,21 @@ class SweepResult:
 
 
 def check_storage(spec: SweepSpec, directory: str, resume: bool) -> dict | None:
-    """The stored sweep record of `directory`, or None. A different sweep stored under the same
-    name is an error unless `resume` (which then keeps the finished trials it shares with this one)."""
-    data = read_file(directory, SWEEP_FILE)
-    if data is None:
+    """The stored sweep record of `directory`, or None. UserInputError, before anything is computed,
+    when the folder cannot be written (or reached), its record is damaged, or it holds a different
+    sweep under the same name and not `resume` (which then keeps the finished trials it shares)."""
+    check_location(directory, f"storage {spec.storage!r}")
+    try:
+        data = read_file(directory, SWEEP_FILE)
+        stored = None if data is None else json.loads(data)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserInputError(f"{directory}/{SWEEP_FILE} (the stored sweep) cannot be read ({e}); move it away, "
+                             f"or choose another name or storage") from None
+    if stored is None:
         return None
-    stored = json.loads(data)
+    if not isinstance(stored, dict):
+        raise UserInputError(f"{directory}/{SWEEP_FILE} (the stored sweep) is damaged: a JSON "
+                             f"{type(stored).__name__}, not an object; move it away, or choose another name or storage")
     if stored.get("spec_hash") != spec.spec_hash and not resume:
         raise UserInputError(
             f"storage {directory} already holds a different sweep named {spec.name!r} (its settings differ "
@@ -106,9 +118,13 @@ def check_storage(spec: SweepSpec, directory: str, resume: bool) -> dict | None:
 
 def _kept_rows(spec: SweepSpec, directory: str) -> list[TrialRow]:
     """On resume: the finished trials of the stored table that this sweep would run again."""
-    df = read_trials(directory)
+    try:
+        df = read_trials(directory)
+    except UserInputError as e:
+        raise UserInputError(f"--resume: {e}; move it away to run the sweep from the start") from None
     if df is None:
         return []
+    df = typed(df, where=f"{directory}/{TRIALS_FILE}")
     ok = df[(df["status"] == "ok") & (df["method"] != "dense")]
     if spec.optuna is None:
         ok = ok[ok["trial_id"].isin({c.trial_id for c in expand(spec)})]
@@ -137,12 +153,18 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
 
     wall = time.perf_counter()
     kept = _kept_rows(spec, directory) if (resume and stored) else []
+    # a resumed Optuna study goes on from its journal (read now: a damaged one stops the sweep before
+    # any work); a sweep run again without resuming starts its study over
+    same_study = spec.optuna is not None and resume and bool(stored) and stored.get("spec_hash") == spec.spec_hash
+    if same_study:
+        read_study(directory)
     # a sweep that reserves GPUs calibrates on one: on a cluster whose driver has none, through Ray
     early_ray = started_ray and spec.resources.gpu > 0 and not _local_cuda()
     if early_ray:
         _init_ray(address, local)
     try:
         prepared = prepare(spec)
+        journal = Journal(directory, spec.name).open(fresh=not same_study) if spec.optuna is not None else None
         record = {"name": spec.name, "spec_hash": spec.spec_hash, "version": __version__,
                   "calibration_key": prepared.calibration_key, "spec": spec.model_dump(mode="json")}
         write_file(directory, SWEEP_FILE, json.dumps(record, indent=2).encode())
@@ -163,8 +185,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
                     f"limits.sweep_seconds: {spec.limits.sweep_seconds:g} s were spent before the first trial "
                     f"(loading, baseline, calibration, decompositions: {time.perf_counter() - wall:.0f} s); "
                     f"raise it and resume the sweep (the statistics are cached)")
-        same_study = bool(stored) and stored.get("spec_hash") == spec.spec_hash and spec.optuna is not None
-        faults = run_trials(spec, prepared, shared, directory, table, deadline, restore_search=same_study,
+        faults = run_trials(spec, prepared, shared, directory, table, deadline, journal=journal,
                             callbacks=callbacks)
         measure_latency(spec, shared, table)
     finally:
@@ -190,11 +211,12 @@ def _init_ray(address: str | None, local: bool) -> None:
     init = {"address": address, "include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     if local:
         init["num_cpus"] = int(local_resources()[0])
-    ray.init(**init)
+    with interrupts.deferred():  # a Ctrl-C while Ray starts stops the sweep once it is up
+        ray.init(**init)
 
 
 def run_trials(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: str, table: ResultsTable,
-               deadline: float | None, restore_search: bool, callbacks: list | None = None) -> Faults:
+               deadline: float | None, journal: Journal | None = None, callbacks: list | None = None) -> Faults:
     """Run every trial without a row in `table` with Tune, and recover from the one failure Tune
     does not retry by itself. Returns the fault figures.
 
@@ -202,7 +224,7 @@ def run_trials(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: s
     when Ray's memory monitor kills a trial's worker, the actor task fails with an OutOfMemoryError
     that Tune's actor manager (Ray 2.60) does not expect: it raises "Caught unexpected exception"
     and the whole Tune run stops. Then each trial that was running counts one failed attempt,
-    and a new Tuner runs what has no row yet (an Optuna study goes on from Tune's saved state);
+    and a new Tuner runs what has no row yet (an Optuna study goes on from its journal);
     a trial that has failed more than `limits.retries` times is recorded as failed."""
     attempts_lost: dict[str, int] = {}  # our trial id -> attempts lost to a stopped Tune run
     faults = Faults(retries=spec.limits.retries)
@@ -215,15 +237,18 @@ def run_trials(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: s
             faults.unfinished = trial_count(spec) - sum(r.method != "dense" for r in table.rows.values())
             break
         final = [r for r in table.rows.values() if r.method != "dense"]
-        made = make_tuner(spec, prepared, shared, directory, table, final, time_budget=budget,
-                          restore_search=restore_search, callbacks=callbacks)
+        made = make_tuner(spec, prepared, shared, directory, table, final, time_budget=budget, journal=journal,
+                          callbacks=callbacks)
         if made is None:
             break
         tuner, callback = made
         try:
-            tuner.fit()
+            with interrupts.handler_kept():
+                tuner.fit()
             tune_retried += callback.retried
-            faults.unfinished = callback.record_unfinished()
+            out_of_time = deadline is not None and time.perf_counter() >= deadline
+            faults.unfinished = callback.record_unfinished("limits.sweep_seconds ran out" if out_of_time
+                                                           else "interrupted")
             if faults.unfinished:
                 log.warning(f"the sweep stopped (interrupted, or limits.sweep_seconds ran out) before "
                             f"{faults.unfinished} trial(s) finished; resume the sweep to run them")
@@ -241,7 +266,8 @@ def run_trials(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: s
                 attempts_lost[cid] = attempts_lost.get(cid, 0) + 1
                 if attempts_lost[cid] > spec.limits.retries:
                     callback.record_failed(trial, f"{cause} ({attempts_lost[cid]} attempts)")
-            restore_search = spec.optuna is not None
+            if journal is not None:
+                journal.open(fresh=False)  # the trials the stopped run left running count as failed
     faults.retried = tune_retried + sum(min(n, spec.limits.retries) for n in attempts_lost.values())
     return faults
 

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from compression.allocation import ALLOCATIONS
 from compression.errors import UserInputError
 from compression.methods import MethodConfig, method_config, registered
+from sweeps.section import Section
+from sweeps.storage import check_storage_string
 from trainables.finetune import SCHEDULES
 from trainables import sources
 
@@ -43,10 +45,6 @@ def check_source(source: str, kind: str) -> str:
         return sources.check_source(source, kind)
     except UserInputError as e:
         raise ValueError(str(e)) from None
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 PosInt = Annotated[int, Field(ge=1)]
@@ -304,6 +302,7 @@ class SweepSpec(Section):
     seed: int = 0
 
     _model = field_validator("model")(lambda v: check_source(v, "model"))
+    _storage = field_validator("storage")(lambda v: check_storage_string(v, what=""))
 
     @field_validator("name")
     @classmethod

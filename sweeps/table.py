@@ -98,9 +98,20 @@ class ResultsTable:
 
 
 def read_trials(directory: str) -> pd.DataFrame | None:
-    """The stored table as written (no typing), None when there is none."""
-    data = read_file(directory, TRIALS_FILE)
-    return None if data is None else pd.read_parquet(io.BytesIO(data))
+    """The stored table as written (no typing), None when there is none; UserInputError when it
+    cannot be read, or is corrupt or only partly written."""
+    try:
+        data = read_file(directory, TRIALS_FILE)
+    except OSError as e:
+        raise UserInputError(f"cannot read {directory}/{TRIALS_FILE}: {e}") from None
+    if data is None:
+        return None
+    try:
+        return pd.read_parquet(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserInputError(f"{directory}/{TRIALS_FILE} cannot be read: the file is corrupt or only partly "
+                             f"written ({reason})") from None
 
 
 def rows_of(df: pd.DataFrame) -> list[TrialRow]:
@@ -137,22 +148,14 @@ def load_results(directory: str | Path) -> pd.DataFrame:
     (columns missing) or empty."""
     directory = str(directory)
     if not is_uri(directory) and not Path(directory).is_dir():
-        raise UserInputError(f"results folder {directory!r} does not exist; give the folder of one sweep "
+        state = "is a file, not a folder" if Path(directory).exists() else "does not exist"
+        raise UserInputError(f"results folder {directory!r} {state}; give the folder of one sweep "
                              f"(<storage>/<name>, the one holding {TRIALS_FILE})")
-    try:
-        data = read_file(directory, TRIALS_FILE)
-    except OSError as e:
-        raise UserInputError(f"cannot read {directory}/{TRIALS_FILE}: {e}") from None
-    if data is None:
+    raw = read_trials(directory)
+    if raw is None:
         raise UserInputError(f"{directory} holds no results: there is no {TRIALS_FILE} (it is written when a "
                              f"sweep has evaluated its dense baseline; give the folder of one sweep, "
                              f"<storage>/<name>)")
-    try:
-        raw = pd.read_parquet(io.BytesIO(data))
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserInputError(f"{directory}/{TRIALS_FILE} cannot be read: the file is corrupt or only partly "
-                             f"written ({reason})") from None
     if raw.empty:
         raise UserInputError(f"{directory}/{TRIALS_FILE} holds no rows: no trial has finished yet")
     return typed(raw, where=f"{directory}/{TRIALS_FILE}")

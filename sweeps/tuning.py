@@ -5,10 +5,9 @@ the results table.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import posixpath
-import re
 from pathlib import Path
 
 from ray import tune
@@ -75,41 +74,68 @@ def optuna_groups(model, stats, method: str, granularity: str) -> list[str]:
     return list(dict.fromkeys(u[column] for u in units))
 
 
-def _sampler(spec: SweepSpec):
+def _sampler(spec: SweepSpec, seen: int = 0):
+    """The study's sampler. A study that goes on from its journal holds `seen` trials already; its
+    sampler starts from seed + `seen`, so it does not draw again what it drew before."""
     import optuna
 
-    seed = spec.seed if spec.optuna.seed is None else spec.optuna.seed
+    seed = (spec.seed if spec.optuna.seed is None else spec.optuna.seed) + seen
     return {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
             "nsga2": optuna.samplers.NSGAIISampler}[spec.optuna.sampler](seed=seed)
 
 
-def _restore_search(search, directory: str) -> None:
-    """Load the Optuna study of the sweep's last Tune run (Tune saves its searcher's state in the
-    experiment folder, `searcher-state-*.pkl`) into `search`, so a resumed study goes on learning
-    from the trials it has seen instead of starting over."""
-    import tempfile
+@functools.cache
+def _journal_search():
+    """`JournalSearch`: Tune's OptunaSearch whose study is a `sweeps.study.Journal`, the searcher's
+    whole state. Tune checkpoints a searcher as a serialised Python object (`searcher-state-*.pkl`),
+    and loading one can run any code: this searcher writes no such file and refuses to read one, so
+    nothing a storage folder holds can run code. (Defined on first use: importing Optuna is slow.)"""
+    from ray.tune.search.optuna import OptunaSearch
 
-    import pyarrow.fs
+    class JournalSearch(OptunaSearch):
+        def __init__(self, space, journal, **kw) -> None:
+            self.journal = journal
+            super().__init__(space, storage=journal.storage, study_name=journal.study_name, **kw)
 
-    fs, base = pyarrow.fs.FileSystem.from_uri(directory)  # a URI, or the absolute local path
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
-    states = sorted(i.path for i in infos if re.fullmatch(r"searcher-state-.*\.pkl", i.base_name))
-    if not states:
-        log.info("resume: no saved Optuna study in the experiment folder; the study starts over "
-                 "(its finished trials are kept in the table)")
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        with fs.open_input_stream(states[-1]) as src:
-            Path(folder, posixpath.basename(states[-1])).write_bytes(src.read())
-        search.restore_from_dir(folder)
-    log.info(f"resume: the Optuna study goes on from its saved state ({posixpath.basename(states[-1])})")
+        def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+            pass  # the journal already holds every operation of the study
+
+        def save(self, checkpoint_path: str) -> None:
+            raise NotImplementedError("the study is kept in its Optuna journal, not in a .pkl file")
+
+        def restore(self, checkpoint_path: str) -> None:
+            raise RuntimeError("a saved searcher state (.pkl) is never read; the study resumes from its Optuna journal")
+
+        def restore_from_dir(self, checkpoint_dir: str) -> None:
+            self.restore(checkpoint_dir)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            super().on_trial_complete(trial_id, result=result, error=error)
+            self.journal.publish()
+
+    return JournalSearch
+
+
+class _NoRestoreAdvice(logging.Filter):
+    """Drops Tune's advice to call `Tuner.restore` after an interrupt: `lrsweep run --resume` (or
+    `run_sweep(..., resume=True)`) is how a sweep goes on, and says so itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore" not in record.getMessage()
+
+
+def _quiet_restore_advice() -> None:
+    tune_log = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _NoRestoreAdvice) for f in tune_log.filters):
+        tune_log.addFilter(_NoRestoreAdvice())
 
 
 def make_tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: str, table: ResultsTable,
-               kept: list[TrialRow], time_budget: float | None = None, restore_search: bool = False,
+               kept: list[TrialRow], time_budget: float | None = None, journal=None,
                callbacks: list | None = None) -> tuple[tune.Tuner, ResultsCallback] | None:
     """The Tuner for the trials without a row in `kept`, and its results callback (None when
-    nothing is left to run). `callbacks`: more Tune callbacks (MLflow, W&B, your own)."""
+    nothing is left to run). `journal`: the open `sweeps.study.Journal` of an Optuna sweep.
+    `callbacks`: more Tune callbacks (MLflow, W&B, your own)."""
     from trainables.trial import trainable
 
     res = spec.resources
@@ -121,6 +147,7 @@ def make_tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: s
                                   max_t=2 + spec.finetune.steps // spec.finetune.eval_every,
                                   grace_period=es.grace_period, reduction_factor=es.reduction_factor)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no experiment banner from Tune
+    _quiet_restore_advice()
     # reuse_actors: trials run one after another in the same worker process, which keeps its dense
     # model loaded (trainables.trial caches it per process): one model load per worker, not per trial
     common = {"max_concurrent_trials": res.max_concurrent, "scheduler": scheduler, "reuse_actors": True,
@@ -135,8 +162,6 @@ def make_tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: s
         tune_config = tune.TuneConfig(num_samples=1, **common)
         total = len(configs)
     else:
-        from ray.tune.search.optuna import OptunaSearch
-
         remaining = spec.optuna.trials - len(kept)
         if remaining <= 0:
             return None
@@ -146,14 +171,16 @@ def make_tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: s
         space = OptunaSpace(choices, groups, spec.optuna.bounds, spec.optuna.granularity)
         metric, mode = ("metric", spec.metric_mode) if not spec.optuna.multi else \
             (["metric", "size_mb"], [spec.metric_mode, "min"])
-        search = OptunaSearch(space, metric=metric, mode=mode, sampler=_sampler(spec))
-        if restore_search:
-            _restore_search(search, directory)
+        search = _journal_search()(space, journal, metric=metric, mode=mode, sampler=_sampler(spec, journal.trials()))
         param_space = base_config(spec)
         tune_config = tune.TuneConfig(search_alg=search, num_samples=remaining, **common)
         total = remaining
-    storage_path, name = directory.rsplit("/", 1) if is_uri(directory) else (str(Path(directory).parent),
-                                                                               Path(directory).name)
+    if is_uri(directory):  # Tune takes the URI's query with the storage path
+        base, sep, query = directory.partition("?")
+        storage_path, name = base.rsplit("/", 1)
+        storage_path += sep + query
+    else:
+        storage_path, name = str(Path(directory).parent), Path(directory).name
     limits = spec.limits
     callback = ResultsCallback(table, total)
     run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=0, callbacks=[callback, *(callbacks or [])],
@@ -187,7 +214,7 @@ class ResultsCallback(Callback):
         status = "stopped" if result.get("status") == "running" else result.get("status")
         self._add(TrialRow.from_result(result, trial_id(trial), status=status, checkpoint=checkpoint_path(trial)))
 
-    def _add(self, row: TrialRow) -> None:
+    def _add(self, row: TrialRow, stopped_by: str = "ASHA or limits.trial_seconds") -> None:
         self.table.add(row)
         self.done += 1
         what = f"{row.method} {row.allocation} {100 * (row.target_ratio or 0):.0f}%"
@@ -199,7 +226,7 @@ class ResultsCallback(Callback):
                 outcome += f" -> {row.metric:.4g} finetuned"
             outcome += f", removed {100 * row.achieved_ratio:.1f}%"
             if row.status == "stopped":
-                outcome += " (stopped early: ASHA or limits.trial_seconds)"
+                outcome += f" (stopped early: {stopped_by})"
         log.info(f"[{self.done}/{self.total}] {row.trial_id} {what}: {outcome}")
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
@@ -211,16 +238,17 @@ class ResultsCallback(Callback):
     def on_experiment_end(self, trials, **info) -> None:
         self.trials = list(trials)
 
-    def record_unfinished(self) -> int:
-        """After a Tune run that ended normally: the trials it left unfinished (Ctrl-C, or the
-        sweep's time budget, limits.sweep_seconds) get no final row; those that reported keep a
+    def record_unfinished(self, why: str = "interrupted, or limits.sweep_seconds ran out") -> int:
+        """After a Tune run that ended normally: the trials it left unfinished (`why`: Ctrl-C, or
+        the sweep's time budget, limits.sweep_seconds) get no final row; those that reported keep a
         "stopped" row with their last result (`--resume` runs both again). Returns how many."""
         cut = [t for t in self.trials if t.trial_id not in self.recorded]
         for trial in cut:
             result = trial.last_result or {}
             if result.get("stage"):
                 self.recorded.add(trial.trial_id)
-                self._add(TrialRow.from_result(result, trial_id(trial), status="stopped"))
+                self._add(TrialRow.from_result(result, trial_id(trial), status="stopped"),
+                          stopped_by=f"{why}; --resume runs it again")
         return len(cut) + max(0, self.total - len(self.trials))  # an Optuna study creates trials lazily
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:

@@ -54,7 +54,23 @@ def optuna_dir(grid_dir, tmp_path_factory):
     record = json.loads((grid_dir / "sweep.json").read_text())
     record["spec"]["optuna"] = {"trials": 5, "objective": ["metric", "size"]}
     (folder / "sweep.json").write_text(json.dumps(record))
+    _study_of(df[trials & (df["status"] == "ok")], folder)
     return folder
+
+
+def _study_of(rows: pd.DataFrame, folder: Path) -> None:
+    """The study's journal: one finished trial per row (its group ratios, its metric and size)."""
+    import optuna
+
+    from sweeps.study import Journal
+
+    study = optuna.create_study(study_name="optuna", storage=Journal(str(folder), "optuna").open(fresh=True).storage,
+                                directions=["minimize", "minimize"])
+    for i, row in enumerate(rows.itertuples()):
+        ratios = {f"group_ratios/{k}": v + 0.05 * i for k, v in json.loads(row.group_ratios).items()}
+        study.add_trial(optuna.trial.create_trial(
+            params=ratios, distributions={k: optuna.distributions.FloatDistribution(0.0, 0.9) for k in ratios},
+            values=[row.metric, row.size_mb]))
 
 
 def cli(capsys, *argv):
@@ -227,11 +243,12 @@ def test_report_says_where_low_rank_is_slower(grid_dir, tmp_path, capsys):
             assert "| yes |" not in text
 
 
-def test_optuna_report_has_history_and_pareto_front(optuna_dir):
+def test_optuna_report_has_optunas_own_plots_of_the_study(optuna_dir):
     path, figures = regenerate(str(optuna_dir))
-    assert {"optuna_history.png", "optuna_pareto.png"} <= set(figures)
+    assert {"optuna_history.png", "optuna_importances.png", "optuna_pareto.png"} <= set(figures)
     text = Path(path).read_text()
     assert "## Optuna" in text and "objectives: metric and model size" in text
+    assert "`optuna-dashboard optuna.log` opens it" in text
     for name in figures:
         check_png(optuna_dir / name)
     assert "5 finished Optuna trials" in text and "7 group ratios" in text

@@ -112,6 +112,7 @@ def test_a_killed_driver_resumes_without_losing_or_repeating_trials(work, sig):
     if sig == signal.SIGINT:  # Tune stops the trials and saves its state; the CLI says what is left
         assert driver.returncode == 3, err
         assert "did not finish" in err and "--resume" in err
+        assert "Tuner.restore" not in out + err  # Tune's advice, which this project does not follow
     else:
         assert driver.returncode == -signal.SIGKILL
         # Ray's own processes die with the driver, except its node agents: kill what is left of
@@ -128,6 +129,28 @@ def test_a_killed_driver_resumes_without_losing_or_repeating_trials(work, sig):
     runs = collections.Counter(a["trial"] for a in attempts(folder))
     assert all(runs[t] == 1 for t in before), runs  # finished before the kill: never run again
     assert set(runs) == set(TRIALS)
+
+
+def test_ctrl_c_while_ray_starts_stops_the_sweep_and_leaves_it_resumable(work):
+    """SIGINT half a second after "calibration: reused" (or "...: saved to"): Ray is starting. The
+    sweep stops there (status 3, before any trial), and --resume runs every trial."""
+    folder, faults, TRIALS = work
+    faults()
+    driver = subprocess.Popen([str(LRSWEEP), "run", "sweep.yaml"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    for line in driver.stdout:
+        if line.startswith("calibration: ") and ("reused" in line or "saved to" in line):
+            time.sleep(0.5)
+            os.kill(driver.pid, signal.SIGINT)
+            break
+    out, err = driver.communicate(timeout=300)
+    assert driver.returncode == 3, err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    assert set(_table(folder)["trial_id"]) == {"dense"} and attempts(folder) == []  # no trial started
+
+    resumed = _lrsweep("run", "sweep.yaml", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _check_one_ok_row_per_trial(_table(folder), TRIALS)
 
 
 def test_crashed_trials_are_retried_then_recorded_as_failed(work):

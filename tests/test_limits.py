@@ -225,7 +225,7 @@ def test_a_trial_killed_by_the_memory_monitor_past_its_retries_is_recorded_faile
     table = ResultsTable(str(tmp_path), [TrialRow(trial_id="dense", method="dense", status="ok")])
     started = []
 
-    def fake_tuner(spec_, prepared, shared_, directory, table_, final, time_budget=None, restore_search=False,
+    def fake_tuner(spec_, prepared, shared_, directory, table_, final, time_budget=None, journal=None,
                    callbacks=None):
         if any(r.trial_id == config.trial_id for r in final):
             return None  # what make_tuner does when every trial has a row
@@ -236,7 +236,7 @@ def test_a_trial_killed_by_the_memory_monitor_past_its_retries_is_recorded_faile
 
     monkeypatch.setattr(runner, "make_tuner", fake_tuner)
     with caplog.at_level("INFO", logger="lrsweep"):
-        faults = runner.run_trials(s, None, None, str(tmp_path), table, None, restore_search=False)
+        faults = runner.run_trials(s, None, None, str(tmp_path), table, None)
     assert len(started) == 2 and faults.restarts == 2 and faults.retried == 1
     row = table.rows[config.trial_id]
     assert row.status == "error"
@@ -255,4 +255,4 @@ def test_other_errors_of_a_tune_run_are_not_swallowed(tmp_path, monkeypatch):
     table = ResultsTable(str(tmp_path), [])
     monkeypatch.setattr(runner, "make_tuner", lambda *a, **k: (Broken(), tuning.ResultsCallback(table, 1)))
     with pytest.raises(RuntimeError, match="a bug in a callback"):
-        runner.run_trials(spec(), None, None, str(tmp_path), table, None, restore_search=False)
+        runner.run_trials(spec(), None, None, str(tmp_path), table, None)

@@ -3,6 +3,7 @@ resumed run that reuses the cached calibration statistics."""
 
 import json
 import math
+import pickle
 import random
 from pathlib import Path
 
@@ -173,26 +174,55 @@ def test_optuna_study_reuses_the_cached_statistics(grid_run, corpus, env, monkey
     assert trials["trial_id"].nunique() == 3
 
 
-def test_a_resumed_optuna_study_goes_on_from_its_saved_state(grid_run, corpus, env, caplog):
+def test_a_resumed_optuna_study_goes_on_from_its_saved_state(grid_run, corpus, env, caplog, tmp_path):
     """The last trial of a finished study is dropped from the table, as if the driver had died
-    while it ran: --resume keeps the others, restores the study from Tune's saved searcher
-    state, and runs one trial to reach the study's size."""
+    while it ran, and a malicious .pkl file is planted where Tune keeps its searcher state (and its
+    own Tuner): --resume keeps the other trials, runs nothing from the planted files, goes on with
+    the study from its Optuna journal, and runs one trial to reach the study's size."""
+    import optuna
+
+    from sweeps.study import JOURNAL_FILE, read_study
+
     spec = sweep(corpus, env / "results", "optuna-resume",
                  grid={"method": ["whiten-fd"], "ratio": [0.3], "allocation": ["optuna"]},
                  optuna={"trials": 3, "granularity": "role", "bounds": [0.1, 0.7], "sampler": "tpe"})
     first = runner.run_sweep(spec).table
-    path = Path(env / "results" / "optuna-resume" / "trials.parquet")
+    folder = Path(env / "results" / "optuna-resume")
+    assert (folder / JOURNAL_FILE).is_file() and not list(folder.glob("searcher-state-*.pkl"))
+    before = read_study(str(folder)).trials
+    assert [t.state for t in before] == [optuna.trial.TrialState.COMPLETE] * 3
     dropped = first.iloc[-1]["trial_id"]
-    first[first["trial_id"] != dropped].to_parquet(path, index=False)
+    first[first["trial_id"] != dropped].to_parquet(folder / "trials.parquet", index=False)
+    marker = tmp_path / "payload-ran"
+    payload = pickle.dumps(_Payload(str(marker)))
+    for name in ("searcher-state-2026-01-01_00-00-00.pkl", "tuner.pkl"):
+        (folder / name).write_bytes(payload)
     with caplog.at_level("INFO", logger="lrsweep"):
         out = runner.run_sweep(spec, resume=True)
+    assert not marker.exists()
     lines = caplog.messages
     assert "resume: keeping 2 finished trial(s)" in " ".join(lines)
-    assert any(line.startswith("resume: the Optuna study goes on from its saved state") for line in lines)
+    assert any(line.startswith("resume: the Optuna study goes on from its journal") and "(3 finished" in line
+               for line in lines)
     trials = out.table[out.table["method"] != "dense"]
     assert len(trials) == 3 and trials["trial_id"].is_unique and set(trials["status"]) == {"ok"}
     kept = first[(first["trial_id"] != dropped) & (first["method"] != "dense")]
     assert set(kept["trial_id"]) < set(trials["trial_id"])
+    # the study went on: its first three trials are the ones it had, the new one is its fourth
+    after = read_study(str(folder)).trials
+    assert len(after) == 4 and after[3].state == optuna.trial.TrialState.COMPLETE
+    assert [t.params for t in after[:3]] == [t.params for t in before]
+    assert not marker.exists()
+
+
+class _Payload:
+    """Unpickling this runs code: it writes `marker`."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('unpickled')",)
 
 
 def test_resume_keeps_finished_trials_and_reuses_the_statistics(grid_run, monkeypatch):

