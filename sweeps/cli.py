@@ -8,7 +8,8 @@
     lrsweep quickstart                   run the packaged example sweeps/examples/quickstart.yaml
     lrsweep report DIR [--out OUT]       report.md and plots again, from DIR/trials.parquet alone
     lrsweep compare DIR_A DIR_B          the same trials of two sweeps side by side
-    lrsweep export DIR (--trial ID | --best [--max-ratio R | --min-ratio R]) --out OUT
+    lrsweep export DIR (--trial ID | --best [--max-ratio R | --min-ratio R]) --out OUT [--format dense]
+    lrsweep evaluate MODEL [--tasks T,...] [--perplexity SOURCE]   lm-eval tasks and full-context perplexity
     lrsweep generate OUT "prompt"        run an exported causal LM
     lrsweep classify OUT "text"          run an exported classifier
 
@@ -78,6 +79,15 @@ def _analysis_commands(sub) -> None:
     export.add_argument("--before-finetune", action="store_true",
                         help="export the compressed model without the trial's finetuned weights")
     export.add_argument("--device", default="cpu", help="where to rebuild it (default: cpu)")
+    export.add_argument("--format", choices=("compact", "dense"), default="compact",
+                        help="compact (default): the factors at the compressed size, for "
+                             "compression.load_compressed (plain transformers refuses it); dense: multiplied back "
+                             "into the dense shapes, a standard folder plain transformers, lm-eval and serving "
+                             "stacks load (no size gain)")
+    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="dtype of the saved weights (default: the model's, float32)")
+    export.add_argument("--max-shard-size", metavar="SIZE", help="largest safetensors file, e.g. 2GB or 500MB "
+                        "(default 50GB); larger models are sharded with an index file, as transformers does")
     generate = sub.add_parser("generate", help="continue a prompt with an exported causal language model")
     generate.add_argument("model", metavar="OUT", help="folder written by `lrsweep export`")
     generate.add_argument("prompt")
@@ -212,11 +222,22 @@ def _export(args: argparse.Namespace) -> int:
     if args.trial is not None and (args.max_ratio is not None or args.min_ratio is not None):
         raise UserInputError("--max-ratio and --min-ratio choose among trials with --best; --trial names one")
     path, built = export_trial(args.experiment, args.out, trial=args.trial, best=args.best, max_ratio=args.max_ratio,
-                         min_ratio=args.min_ratio, before_finetune=args.before_finetune, device=args.device)
+                               min_ratio=args.min_ratio, before_finetune=args.before_finetune, device=args.device,
+                               format=args.format, dtype=args.dtype, max_shard_size=_size(args.max_shard_size))
     print(f"exported {describe(built)}")
-    print(f"to {path} (load it with compression.load_compressed, or run `lrsweep "
-          f"{'classify' if built.label_names else 'generate'} {path} ...`)")
+    run = f"`lrsweep {'classify' if built.label_names else 'generate'} {path} ...`"
+    if args.format == "compact":
+        print(f"to {path}, compact (load it with compression.load_compressed, or run {run}; "
+              f"--format dense writes a folder plain transformers loads)")
+    else:
+        print(f"to {path}, dense: plain transformers loads it (AutoModel*.from_pretrained), and so does {run}; "
+              f"it holds the dense model's parameter count (no size gain)")
     return 0
+
+
+def _size(text: str | None) -> int | str | None:
+    """--max-shard-size: a number of bytes or a size with its unit."""
+    return int(text) if text is not None and text.isdigit() else text
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -137,6 +137,41 @@ def test_export_best_reloads_to_the_logits_and_metric_of_the_trial(causal, tmp_p
     assert best["metric"] != pytest.approx(best["metric_compressed"], rel=1e-3)  # finetuning changed it
 
 
+def test_dense_and_compact_exports_with_their_model_cards(causal, tmp_path, capsys):
+    """--format dense: plain transformers loads it, with the logits of the compact export; both
+    carry a model card naming the trial; dtype and shard options reach the files."""
+    import transformers
+
+    _, folder = causal
+    df = load_results(folder)
+    best = df.loc[df[(df["status"] == "ok") & (df["method"] != "dense")]["metric"].idxmin()]
+    code, out, err = cli(capsys, "export", folder, "--best", "--format", "dense", "--out", tmp_path / "dense",
+                         "--max-shard-size", "100KB")
+    assert code == 0, err
+    assert "plain transformers loads it" in out and "no size gain" in out
+    assert (tmp_path / "dense" / "model.safetensors.index.json").is_file()
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    assert sum(p.numel() for p in plain.parameters()) == best["params_dense"]
+    assert cli(capsys, "export", folder, "--best", "--out", tmp_path / "compact")[0] == 0
+    compact, tokenizer, info = load_compressed(tmp_path / "compact")
+    ids = tokenizer(["the model layer rank", "low compress"], return_tensors="pt", padding=True)["input_ids"]
+    with torch.inference_mode():
+        assert (logits_of(plain(input_ids=ids)) - logits_of(compact(input_ids=ids))).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="load_compressed"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "compact")
+    for layout in ("dense", "compact"):
+        card = (tmp_path / layout / "README.md").read_text()
+        assert best["trial_id"] in card and "tiny:llama" in card and f"**{layout}** layout" in card
+        assert "licence of the source model: none (randomly initialised weights)" in card
+        assert f"{100 * best['achieved_ratio']:.2f} % removed" in card and "| q |" in card
+
+    assert cli(capsys, "export", folder, "--best", "--dtype", "bfloat16", "--out", tmp_path / "half")[0] == 0
+    assert load_compressed(tmp_path / "half")[0].dtype == torch.bfloat16
+    code, _, err = cli(capsys, "export", folder, "--best", "--max-shard-size", "9XB", "--out", tmp_path / "bad")
+    assert code == 2 and "max shard size" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_trial_whose_weights_were_not_kept_exports_before_finetuning(causal, tmp_path, capsys, monkeypatch):
     spec, folder = causal
     df = load_results(folder)
