@@ -27,6 +27,7 @@ _EXPORTS = {
     "higher_is_better": "analysis",
     "regenerate": "report",
     "export_trial": "export", "rebuild": "export", "generate": "export", "classify": "export",
+    "evaluate": "evaluation", "Evaluation": "evaluation",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

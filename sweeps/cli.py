@@ -88,6 +88,29 @@ def _analysis_commands(sub) -> None:
                         help="dtype of the saved weights (default: the model's, float32)")
     export.add_argument("--max-shard-size", metavar="SIZE", help="largest safetensors file, e.g. 2GB or 500MB "
                         "(default 50GB); larger models are sharded with an index file, as transformers does")
+    evaluate = sub.add_parser(
+        "evaluate", help="standard numbers for a model: lm-eval tasks, full-context perplexity, or a "
+                         "classifier's accuracy", description="Evaluate an exported model (compact or dense) or a "
+        "model source (the dense model). Local lm-eval tasks (no network): lrsweep_local (= lrsweep_lee_cloze, "
+        "lrsweep_lee_lastword, lrsweep_lee_documents). With a network, the standard ones: wikitext, piqa, "
+        "arc_easy, arc_challenge, hellaswag, winogrande, boolq, openbookqa, lambada_openai.")
+    evaluate.add_argument("model", metavar="MODEL", help="a folder written by `lrsweep export`, or a model source "
+                          "(packaged:smollm2-135m, hf:<id>, path:<dir>)")
+    evaluate.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=[],
+                          help="lm-eval task names, comma-separated (e.g. lrsweep_local or piqa,arc_easy)")
+    evaluate.add_argument("--limit", type=int, help="at most this many documents per task")
+    evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own, 0 here)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--perplexity", metavar="SOURCE", help="text source for perplexity at the full "
+                          "context (e.g. packaged:lee): non-overlapping windows of --seq-len tokens")
+    evaluate.add_argument("--seq-len", type=int, help="perplexity context (default: the model's, at most 8192); "
+                          "for a classifier, its max length")
+    evaluate.add_argument("--max-windows", type=int, help="perplexity over a seeded subset of this many windows")
+    evaluate.add_argument("--labelled", metavar="SOURCE", help="a classifier: score it on the test split of this "
+                          "labelled source (e.g. packaged:tweets)")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--out", default="evaluation.json", help="JSON file of every metric with its stderr "
+                          "(default: evaluation.json)")
     generate = sub.add_parser("generate", help="continue a prompt with an exported causal language model")
     generate.add_argument("model", metavar="OUT", help="folder written by `lrsweep export`")
     generate.add_argument("prompt")
@@ -240,6 +263,17 @@ def _size(text: str | None) -> int | str | None:
     return int(text) if text is not None and text.isdigit() else text
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from sweeps.evaluation import evaluate
+
+    result = evaluate(args.model, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size,
+                      num_fewshot=args.num_fewshot, perplexity=args.perplexity, seq_len=args.seq_len,
+                      max_windows=args.max_windows, labelled=args.labelled, device=args.device, out=args.out)
+    print(result.describe())
+    print(f"results: {args.out}")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from sweeps.export import generate
 
@@ -255,8 +289,8 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
-_ANALYSIS = {"report": _report, "compare": _compare, "export": _export, "generate": _generate,
-             "classify": _classify}
+_ANALYSIS = {"report": _report, "compare": _compare, "export": _export, "evaluate": _evaluate,
+             "generate": _generate, "classify": _classify}
 
 
 class _Progress(logging.Handler):
