@@ -174,6 +174,13 @@ def _validate(args: argparse.Namespace) -> int:
           f"{f'{lim.trial_seconds:g} s' if lim.trial_seconds else 'none'}, calibration statistics "
           f"{f'{lim.stats_memory_gb:g} GB' if lim.stats_memory_gb else 'half the available memory'}, "
           f"{lim.retries} retries of a crashed trial")
+    if spec.final_eval is not None:
+        fe = spec.final_eval
+        parts = ([f"lm-eval {', '.join(fe.tasks)}"] if fe.tasks else []) + \
+            ([f"perplexity of {fe.perplexity} at the full context"] if fe.perplexity else [])
+        print(f"  final_eval ({fe.trials}, on {fe.device}): {'; '.join(parts)}")
+    if spec.tracking is not None:
+        print(f"  tracking: {', '.join(k for k, v in spec.tracking if v is not None) or 'none'}")
     print(f"  results: {plan.directory}" + (" (holds this sweep already)" if plan.stored else ""))
     if spec.optuna is None:
         print(f"\n{'trial_id':<12}  {'method':<10}  {'allocation':<10}  {'ratio':>6}  options")

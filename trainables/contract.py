@@ -129,6 +129,7 @@ class TrialRow:
     latency_ms_compressed: float = math.nan
     speedup: float = math.nan            # latency_ms_dense / latency_ms_compressed (< 1: slower than dense)
     checkpoint: str = ""                 # folder of the finetuned weights, relative to the sweep folder ("" = none)
+    final_eval: str = "{}"               # JSON of the final_eval stage: {"task/metric": value, ...} (see sweeps.table)
 
     @classmethod
     def columns(cls) -> dict[str, str]:
