@@ -11,8 +11,9 @@ The Python API (what the CLI does, returning objects; see `sweeps.api`)::
 Modules, one idea each: `spec` (the sweep file), `trials` (what it runs), `prepare` (model, data,
 baseline, calibration cache), `shared` (the object store), `tuning` (Tune and Optuna), `runner`
 (the run and its recovery), `storage` and `table` (files and the results table), `analysis`,
-`report` and `plots`, `export`, `api`, `cli`. The names below are imported on first use, so
-`import sweeps` (the CLI's first import) stays light.
+`report` and `plots`, `export` (and `model_card`), `evaluation` (lm-eval and full-context
+perplexity), `final_eval` (its sweep stage), `tracking`, `api`, `cli`. The names below are
+imported on first use, so `import sweeps` (the CLI's first import) stays light.
 """
 
 from importlib import import_module
