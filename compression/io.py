@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -186,17 +187,13 @@ def check_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 def check_shard_size(size: int | str | None) -> int | str:
     """`max_shard_size` as transformers takes it: bytes (int) or a size such as "2GB" or "500MB"."""
-    from huggingface_hub.serialization._base import parse_size_to_int
-
     if size is None:
         return DEFAULT_SHARD_SIZE
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
-    try:
-        if isinstance(size, str) and parse_size_to_int(size) > 0:
-            return size
-    except ValueError:
-        pass
+    if isinstance(size, str) and re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*[KMGT]B\s*", size, re.IGNORECASE) \
+            and float(size.strip()[:-2]) > 0:
+        return size.strip()
     raise UserInputError(f"max shard size {size!r} is not a size; give bytes (an integer) or a number with a "
                          f"unit KB, MB, GB or TB, e.g. 2GB or 500MB")
 

@@ -192,7 +192,7 @@ def test_bad_arguments_write_nothing(tmp_path):
     for save in (save_compressed, save_dense):
         with pytest.raises(UserInputError, match="allowed: float32, bfloat16, float16"):
             save(model, tmp_path / "m", dtype="float64")
-        for size in ("5XB", 0, "lots"):
+        for size in ("5XB", 0, "lots", "0GB", "-1GB"):
             with pytest.raises(UserInputError, match="max shard size"):
                 save(model, tmp_path / "m", max_shard_size=size)
     assert list(tmp_path.iterdir()) == []
