@@ -24,7 +24,7 @@ from test_sweep_e2e import corpus, env, ray_cluster, sweep  # noqa: F401 - the s
 from trainables.evaluation import evaluate, logits_of
 from trainables.trial import CHECKPOINT_WEIGHTS
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 GRID = [
     {"method": ["whiten-fd"], "ratio": [0.2, 0.4]},
