@@ -7,10 +7,12 @@
     plan = plan_ranks(model, stats, "whiten-fd", 0.4, "uniform", decs)   # per ratio / allocation
     compress(model, stats, "whiten-fd", plan, decs)          # in place; inplace=False copies
     save_compressed(model, "out/", tokenizer, plan)          # load_compressed("out/") -> model, tokenizer, info
+    save_dense(model, "dense/", tokenizer, plan)             # densify + save_pretrained: plain transformers loads it
 
 Layout: `targets` (all architecture knowledge: blocks, roles, weight layouts), `methods` (one
 module per method, registered configs), `allocation` (rank plans for a budget), `calibration`
-(statistics), `layers` (the compressed layer types and the swaps), `apply` (the verbs above), `io`.
+(statistics), `layers` (the compressed layer types and the swaps), `apply` (the verbs above),
+`densify` (a compressed model back in the config's dense shapes), `io` (the two folder layouts).
 
 The names below are imported on first use (PEP 562), so `import compression.errors` (the CLI's
 error type) does not pay for importing torch and transformers.
@@ -23,7 +25,7 @@ _EXPORTS = {
     "compress": "apply", "decompose_model": "apply", "make_units": "apply", "plan_ranks": "apply",
     "CalibrationStats": "calibration", "collect_stats": "calibration",
     "UserInputError": "errors",
-    "load_compressed": "io", "save_compressed": "io",
+    "load_compressed": "io", "save_compressed": "io", "save_dense": "io", "densify": "densify",
     "LowRankLinear": "layers", "prune_mlp": "layers", "replace_low_rank": "layers",
     "METHODS": "methods", "Factorization": "methods", "LayerStats": "methods", "LowRankDecomposition": "methods",
     "MatrixMethod": "methods", "MethodConfig": "methods", "MlpMethod": "methods", "NeuronDecomposition": "methods",

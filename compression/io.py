@@ -1,59 +1,93 @@
-"""Save and load compressed models as Hugging Face folders: safetensors and JSON only, no remote code.
+"""Save and load compressed models as folders, with no pickle and no remote code. Two layouts:
 
-A folder holds `config.json` (the unchanged config of the dense architecture),
-`generation_config.json` (generative models), `model.safetensors`, the tokenizer files when a
-tokenizer is given, and `lowrank.json`, which says how the compressed model differs from the one
-the config builds::
+- **compact** (`save_compressed`): the factors, at the compressed size. Plain transformers cannot
+  build this model (its layers are not the config's), so it must refuse the folder, never load it
+  with random weights: `config.json` is the dense config with `model_type` and `architectures`
+  replaced by markers (`AutoModel*.from_pretrained` and `AutoConfig` raise, naming
+  `compression.load_compressed` in the message), and the weights are `lowrank.safetensors`
+  (a concrete class's `from_pretrained` finds no `model.safetensors` and raises).
+- **dense** (`save_dense`): `compression.densify` of the model (factors multiplied back, pruned MLPs
+  zero-padded to full width), saved by `save_pretrained`: a standard folder that plain
+  transformers, evaluation harnesses and serving stacks load, at the dense model's size.
+
+Both hold the tokenizer files when a tokenizer is given, an optional model card (`README.md`),
+weights in safetensors, sharded above `max_shard_size` with an index file (the transformers
+convention: `model-00001-of-00002.safetensors` + `model.safetensors.index.json`; compact:
+`lowrank-...`), and `lowrank.json`, which says what the folder holds::
 
     {
-      "format": "lowrank-sweep", "version": 1,
-      "architecture": "LlamaForCausalLM",          # class in `transformers`, also in config.architectures
+      "format": "lowrank-sweep", "version": 2, "layout": "compact",    # or "dense"
+      "architecture": "LlamaForCausalLM", "model_type": "llama",     # the class in `transformers`
       "dtype": "float32", "attn_implementation": "sdpa",
-      "parameters": 1234567,                      # whole model, tied weights counted once
+      "parameters": 1234567,                      # of the saved model, tied weights counted once
+      "compressed_parameters": 1234567,           # of the compressed model (dense layout: smaller)
       "method": "whiten-fd", "plan": {...},       # RankPlan.to_dict(), or null
-      "low_rank": {"model.layers.0.self_attn.q_proj":
+      "low_rank": {"model.layers.0.self_attn.q_proj":          # compact only
                    {"in_features": 576, "out_features": 576, "rank": 96, "bias": false}},
-      "resized": {"model.layers.0.mlp.up_proj":   # narrower dense layers (pruned MLPs)
+      "resized": {"model.layers.0.mlp.up_proj":   # narrower dense layers (pruned MLPs); compact only
                   {"kind": "linear", "in_features": 576, "out_features": 920, "bias": false}},
       "tied": {"lm_head.weight": "model.embed_tokens.weight"},   # saved once, retied on load
       "buffer_dtypes": {"model.rotary_emb.inv_freq": "bfloat16"},  # unsaved buffers cast after build
       "extra": {...}
     }
 
-`load_compressed` builds the architecture from the config, swaps in empty `LowRankLinear` shells
-and narrower layers as `lowrank.json` says, loads the weights strictly and reties tied weights:
-the result gives identical logits.
+`load_compressed` reads both layouts and the version 1 compact folders (dense `config.json`,
+`model.safetensors`): for a compact folder it builds the architecture from the config, swaps in
+empty `LowRankLinear` shells and narrower layers as `lowrank.json` says, loads the weights strictly
+and reties tied weights (identical logits); a dense folder goes through `from_pretrained`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub import split_torch_state_dict_into_shards
 from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
 
+from .densify import densify
 from .errors import UserInputError
 from .layers import LowRankLinear
 from .targets import LAYER_KINDS, LINEAR_TYPES, dense_layer, dense_shape, layer_kind
 
 FORMAT = "lowrank-sweep"
-VERSION = 1
+VERSION = 2
+LAYOUTS = ("compact", "dense")
+DTYPES = ("float32", "bfloat16", "float16")
 INFO_FILE = "lowrank.json"
-WEIGHTS_FILE = "model.safetensors"
-_REQUIRED = ("architecture", "dtype", "attn_implementation", "low_rank", "resized", "tied", "buffer_dtypes")
+CARD_FILE = "README.md"
+WEIGHTS_FILE = "model.safetensors"                 # dense layout, and compact version 1
 CODE_FILES = ("config.json", "tokenizer_config.json")  # where a folder could name code of its own (auto_map)
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                        torch.uint8: "U8", torch.bool: "BOOL"}
+COMPACT_PATTERN = "lowrank{suffix}.safetensors"   # compact version 2: a name transformers never loads
+COMPACT_WEIGHTS = COMPACT_PATTERN.format(suffix="")  # unsharded
+COMPACT_INDEX = "lowrank.safetensors.index.json"
+DEFAULT_SHARD_SIZE = "50GB"                        # transformers' default
+# What `AutoConfig` / `AutoModel*.from_pretrained` print about a compact folder (they quote it).
+COMPACT_MODEL_TYPE = ("lowrank-sweep-compact: a compressed model whose layers transformers alone cannot build; "
+                      "load it with compression.load_compressed, or export it with `lrsweep export --format dense` "
+                      "for plain transformers")
+COMPACT_ARCHITECTURE = "LowRankSweepCompactModel"
+_REQUIRED = {"compact": ("architecture", "dtype", "attn_implementation", "low_rank", "resized", "tied",
+                         "buffer_dtypes"),
+             "dense": ("architecture", "dtype", "attn_implementation")}
+
+
+# -- what differs from the config's model --------------------------------------------------------
 
 
 def _structure(model: PreTrainedModel, reference: nn.Module) -> tuple[dict, dict]:
@@ -126,11 +160,10 @@ def _retie(model: nn.Module, tied: dict[str, str]) -> None:
         setattr(model.get_submodule(module_name), attr, model.get_parameter(source))
 
 
-def _architecture(config) -> type[PreTrainedModel]:
-    names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
+def _architecture(name) -> type[PreTrainedModel]:
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
-        raise UserInputError(f"config.architectures {names} does not name a model class of transformers")
+        raise UserInputError(f"architecture {name!r} is not a model class of transformers")
     return cls
 
 
@@ -140,9 +173,46 @@ def _build(cls: type[PreTrainedModel], config, info: dict) -> PreTrainedModel:
                             attn_implementation=info["attn_implementation"])
 
 
+def _parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- the arguments both layouts take -------------------------------------------------------------
+
+
+def check_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The torch dtype of a `DTYPES` name (or dtype); None keeps the model's own."""
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise UserInputError(f"dtype {dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def check_shard_size(size: int | str | None) -> int | str:
+    """`max_shard_size` as transformers takes it: bytes (int) or a size such as "2GB" or "500MB"."""
+    if size is None:
+        return DEFAULT_SHARD_SIZE
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    if isinstance(size, str) and re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*[KMGT]B\s*", size, re.IGNORECASE) \
+            and float(size.strip()[:-2]) > 0:
+        return size.strip()
+    raise UserInputError(f"max shard size {size!r} is not a size; give bytes (an integer) or a number with a "
+                         f"unit KB, MB, GB or TB, e.g. 2GB or 500MB")
+
+
+def _cast(model: PreTrainedModel, dtype: torch.dtype | None, copied: bool) -> PreTrainedModel:
+    """`model` in `dtype` (a copy unless `copied` says it is one already; the caller's model is never cast)."""
+    if dtype is None or dtype == model.dtype:
+        return model
+    return (model if copied else copy.deepcopy(model)).to(dtype)
+
+
 def check_output_folder(out_dir: str | Path) -> Path:
-    """`out_dir` as a Path when `save_compressed` may write it: it does not exist, or it is an empty
-    folder or one that function wrote (which it replaces)."""
+    """`out_dir` as a Path when `save_compressed` / `save_dense` may write it: it does not exist, or
+    it is an empty folder or one this module wrote (which it replaces)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / INFO_FILE).is_file())):
         what = "a file" if not out_dir.is_dir() else "a folder that is not a compressed model folder"
@@ -151,59 +221,17 @@ def check_output_folder(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def save_compressed(
-    model: PreTrainedModel,
-    out_dir: str | Path,
-    tokenizer=None,
-    plan=None,
-    extra: dict | None = None,
-) -> Path:
-    """Write `model` (compressed or not) as a Hugging Face folder plus `lowrank.json`; return the path.
-
-    Written to a temporary folder next to `out_dir`, then renamed, so `out_dir` never holds half a
-    model. An existing `out_dir` is replaced only if it is empty or a folder this function wrote.
-    `plan` is a `RankPlan` (its method is recorded); `extra` any JSON-able dict.
-    """
-    if not isinstance(model, PreTrainedModel):
-        raise UserInputError(f"save_compressed needs a Hugging Face PreTrainedModel, got {type(model).__name__}")
-    out_dir = check_output_folder(out_dir)
-    config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
-    info = {
-        "format": FORMAT,
-        "version": VERSION,
-        "architecture": type(model).__name__,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "attn_implementation": model.config._attn_implementation,
-    }
-    with torch.device("meta"):
-        reference = _build(type(model), config, info)
-    info["low_rank"], info["resized"] = _structure(model, reference)
-    _apply_structure(reference, info)
-    tied = _tied(model)
-    state = {k: v for k, v in model.state_dict().items() if k not in tied}
-    ref_state = {k: v for k, v in reference.state_dict().items() if k not in tied}
-    bad = sorted(k for k in state.keys() | ref_state.keys()
-                 if k not in state or k not in ref_state or state[k].shape != ref_state[k].shape)
-    if bad:
-        raise UserInputError(f"the model differs from its config in ways {INFO_FILE} cannot describe "
-                             f"(only LowRankLinear and resized Linear/Conv1D layers can): {', '.join(bad[:5])}")
-    info["buffer_dtypes"] = _buffer_dtypes(model, reference)
-    info.update(tied=tied, parameters=sum(p.numel() for p in model.parameters()),
-                method=getattr(plan, "method", None), plan=plan.to_dict() if plan is not None else None,
-                extra=extra or {})
-    json.dumps(info)  # fail before writing anything if `extra` is not JSON-able
-
+def _write_folder(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(folder)` on a temporary folder next to `out_dir`, then rename it to `out_dir`
+    (replacing a previous export), so `out_dir` never holds half a model. The folder gets the
+    usual permissions (those of `mkdir`), not the 0700 of a temporary folder."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        config.save_pretrained(tmp)
-        if model.can_generate() and model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
-        save_file(_contiguous(state), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        write(tmp)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             out_dir.rename(old / "x")
@@ -217,6 +245,94 @@ def save_compressed(
     return out_dir
 
 
+def _save_common(folder: Path, info: dict, tokenizer, card: str | None) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if card is not None:
+        (folder / CARD_FILE).write_text(card)
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _header(model: PreTrainedModel, layout: str, plan, extra: dict | None, compressed_parameters: int) -> dict:
+    return {"format": FORMAT, "version": VERSION, "layout": layout, "architecture": type(model).__name__,
+            "model_type": model.config.model_type, "dtype": str(model.dtype).removeprefix("torch."),
+            "attn_implementation": model.config._attn_implementation, "parameters": _parameters(model),
+            "compressed_parameters": compressed_parameters, "method": getattr(plan, "method", None),
+            "plan": plan.to_dict() if plan is not None else None, "extra": extra or {}}
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, PreTrainedModel):
+        raise UserInputError(f"saving needs a Hugging Face PreTrainedModel, got {type(model).__name__}")
+
+
+# -- compact --------------------------------------------------------------------------------------
+
+
+def save_compressed(
+    model: PreTrainedModel,
+    out_dir: str | Path,
+    tokenizer=None,
+    plan=None,
+    extra: dict | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str | None = None,
+    card: str | None = None,
+) -> Path:
+    """Write `model` (compressed or not) as a compact folder (see the module docstring); return the path.
+
+    Written to a temporary folder next to `out_dir`, then renamed, so `out_dir` never holds half a
+    model. An existing `out_dir` is replaced only if it is empty or a folder this module wrote.
+    `plan` is a `RankPlan` (its method is recorded); `extra` any JSON-able dict; `dtype` one of
+    `DTYPES` (default: the model's); `card` the text of README.md.
+    """
+    _check_model(model)
+    out_dir = check_output_folder(out_dir)
+    dtype, max_shard_size = check_dtype(dtype), check_shard_size(max_shard_size)
+    compressed = _parameters(model)
+    model = _cast(model, dtype, copied=False)
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    info = _header(model, "compact", plan, extra, compressed)
+    with torch.device("meta"):
+        reference = _build(type(model), config, info)
+    info["low_rank"], info["resized"] = _structure(model, reference)
+    _apply_structure(reference, info)
+    tied = _tied(model)
+    state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    ref_state = {k: v for k, v in reference.state_dict().items() if k not in tied}
+    bad = sorted(k for k in state.keys() | ref_state.keys()
+                 if k not in state or k not in ref_state or state[k].shape != ref_state[k].shape)
+    if bad:
+        raise UserInputError(f"the model differs from its config in ways {INFO_FILE} cannot describe "
+                             f"(only LowRankLinear and resized Linear/Conv1D layers can): {', '.join(bad[:5])}")
+    info.update(buffer_dtypes=_buffer_dtypes(model, reference), tied=tied)
+    json.dumps(info)  # fail before writing anything if `extra` is not JSON-able
+
+    def write(folder: Path) -> None:
+        config.save_pretrained(folder)
+        marked = json.loads((folder / "config.json").read_text())
+        marked.update(model_type=COMPACT_MODEL_TYPE, architectures=[COMPACT_ARCHITECTURE])
+        (folder / "config.json").write_text(json.dumps(marked, indent=2, sort_keys=True) + "\n")
+        if model.can_generate() and model.generation_config is not None:
+            model.generation_config.save_pretrained(folder)
+        _save_shards(_contiguous(state), folder, max_shard_size)
+        _save_common(folder, info, tokenizer, card)
+
+    return _write_folder(out_dir, write)
+
+
+def _save_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> None:
+    """safetensors files of at most `max_shard_size` each (huggingface_hub's split), with an index
+    file when there are several."""
+    split = split_torch_state_dict_into_shards(state, filename_pattern=COMPACT_PATTERN, max_shard_size=max_shard_size)
+    for file, names in split.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, folder / file, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / COMPACT_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU, contiguous tensors that share no memory (safetensors refuses shared storage)."""
     out, seen = {}, set()
@@ -226,6 +342,90 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
     return out
+
+
+# -- dense ----------------------------------------------------------------------------------------
+
+
+def save_dense(
+    model: PreTrainedModel,
+    out_dir: str | Path,
+    tokenizer=None,
+    plan=None,
+    extra: dict | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str | None = None,
+    card: str | None = None,
+) -> Path:
+    """Write `densify(model)` with `save_pretrained` (a standard folder, see the module docstring),
+    plus `lowrank.json` (layout "dense") and the card; the same arguments as `save_compressed`.
+    The caller's model is not changed."""
+    _check_model(model)
+    out_dir = check_output_folder(out_dir)
+    dtype, max_shard_size = check_dtype(dtype), check_shard_size(max_shard_size)
+    compressed = _parameters(model)
+    dense = _cast(densify(model), dtype, copied=True)
+    dense.config.architectures = [type(dense).__name__]
+    info = _header(dense, "dense", plan, extra, compressed)
+    json.dumps(info)
+
+    def write(folder: Path) -> None:
+        dense.save_pretrained(folder, max_shard_size=max_shard_size)
+        _save_common(folder, info, tokenizer, card)
+
+    return _write_folder(out_dir, write)
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def _read_info(path: Path) -> dict:
+    if not (path / INFO_FILE).is_file():
+        raise UserInputError(f"{path} is not a compressed model folder: missing {INFO_FILE}")
+    try:
+        info = json.loads((path / INFO_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserInputError(f"{path / INFO_FILE} is not valid JSON: {e}") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") not in (1, VERSION):
+        raise UserInputError(f"{path / INFO_FILE} is not a {FORMAT} file of version 1 or {VERSION}")
+    info.setdefault("layout", "compact")  # version 1 wrote compact folders only
+    if info["layout"] not in LAYOUTS:
+        raise UserInputError(f"{path / INFO_FILE}: layout {info['layout']!r}; allowed: {', '.join(LAYOUTS)}")
+    missing = [k for k in _REQUIRED[info["layout"]] if k not in info]
+    dtypes = [info.get("dtype"), *(info.get("buffer_dtypes") or {}).values()] \
+        if isinstance(info.get("buffer_dtypes", {}), dict) else [info.get("dtype"), None]
+    if missing or not all(isinstance(getattr(torch, str(d), None), torch.dtype) for d in dtypes):
+        raise UserInputError(f"{path / INFO_FILE} is incomplete or damaged (missing {missing or 'nothing'}, "
+                             f"dtypes {dtypes})")
+    if info["layout"] == "compact":
+        _check_sections(info, path / INFO_FILE)
+    return info
+
+
+def _check_sections(info: dict, where: Path) -> None:
+    """The compact layout's sections type-checked (no module is built from them yet)."""
+    sections = {"low_rank": ("in_features", "out_features", "rank"), "resized": ("in_features", "out_features")}
+    for section, sizes in sections.items():
+        if not isinstance(info[section], dict):
+            raise UserInputError(f"{where}: {section} must map layer names to their shapes")
+        for name, spec in info[section].items():
+            if not isinstance(spec, dict):
+                raise UserInputError(f"{where}: {section}[{name!r}] must be an object, got {spec!r}")
+            for key in sizes:
+                value = spec.get(key)
+                if not (isinstance(value, int) and not isinstance(value, bool)) or value < (0 if key == "rank" else 1):
+                    allowed = "an integer >= 0" if key == "rank" else "a positive integer"
+                    raise UserInputError(f"{where}: {section}[{name!r}].{key} is {value!r}; allowed: {allowed}")
+            if not isinstance(spec.get("bias"), bool):
+                raise UserInputError(f"{where}: {section}[{name!r}].bias is {spec.get('bias')!r}; allowed: true, false")
+            if section == "resized" and spec.get("kind") not in LAYER_KINDS:
+                raise UserInputError(f"{where}: resized[{name!r}].kind is {spec.get('kind')!r}; allowed: "
+                                     f"{', '.join(LAYER_KINDS)}")
+    for section in ("tied", "buffer_dtypes"):
+        entries = info[section]
+        if not isinstance(entries, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in entries.items()):
+            raise UserInputError(f"{where}: {section} must map names to names (strings)")
 
 
 def refuse_remote_code(folder: str | Path) -> None:
@@ -249,56 +449,112 @@ def refuse_remote_code(folder: str | Path) -> None:
                 f"use a model whose architecture transformers implements")
 
 
-def _read_info(path: Path) -> dict:
-    """lowrank.json of `path`, its sections type-checked (no module is built from it yet)."""
-    where = path / INFO_FILE
+def _weight_files(path: Path, info: dict) -> list[Path]:
+    """The compact folder's safetensors files (one, or the shards its index names)."""
+    if info["version"] == 1:
+        files = [path / WEIGHTS_FILE]
+    elif (path / COMPACT_INDEX).is_file():
+        try:
+            weight_map = json.loads((path / COMPACT_INDEX).read_text())["weight_map"]
+            files = [path / f for f in sorted(set(weight_map.values())) if "/" not in f and f.endswith(".safetensors")]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UserInputError(f"{path / COMPACT_INDEX} is not a safetensors index: {e!r}") from None
+    else:
+        files = [path / COMPACT_WEIGHTS]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing or not files:
+        raise UserInputError(f"{path} is not a compressed model folder: missing {', '.join(missing) or 'weights'}")
+    return files
+
+
+def _config(path: Path, info: dict):
+    """The dense config: config.json as it is (version 1), or with its markers undone."""
     try:
-        info = json.loads(where.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserInputError(f"{where} is not valid JSON: {e}") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
-        raise UserInputError(f"{where} is not a {FORMAT} version {VERSION} file")
-    missing = [k for k in _REQUIRED if k not in info]
-    dtypes = [info.get("dtype"), *(info.get("buffer_dtypes") or {}).values()] \
-        if isinstance(info.get("buffer_dtypes", {}), dict) else [info.get("dtype"), None]
-    if missing or not all(isinstance(getattr(torch, str(d), None), torch.dtype) for d in dtypes):
-        raise UserInputError(f"{where} is incomplete or damaged (missing {missing or 'nothing'}, dtypes {dtypes})")
-    sections = {"low_rank": ("in_features", "out_features", "rank"), "resized": ("in_features", "out_features")}
-    for section, sizes in sections.items():
-        if not isinstance(info[section], dict):
-            raise UserInputError(f"{where}: {section} must map layer names to their shapes")
-        for name, spec in info[section].items():
-            if not isinstance(spec, dict):
-                raise UserInputError(f"{where}: {section}[{name!r}] must be an object, got {spec!r}")
-            for key in sizes:
-                value = spec.get(key)
-                if not (isinstance(value, int) and not isinstance(value, bool)) or value < (0 if key == "rank" else 1):
-                    allowed = "an integer >= 0" if key == "rank" else "a positive integer"
-                    raise UserInputError(f"{where}: {section}[{name!r}].{key} is {value!r}; allowed: {allowed}")
-            if not isinstance(spec.get("bias"), bool):
-                raise UserInputError(f"{where}: {section}[{name!r}].bias is {spec.get('bias')!r}; allowed: true, false")
-            if section == "resized" and spec.get("kind") not in LAYER_KINDS:
-                raise UserInputError(f"{where}: resized[{name!r}].kind is {spec.get('kind')!r}; allowed: "
-                                     f"{', '.join(LAYER_KINDS)}")
-    for section in ("tied", "buffer_dtypes"):
-        entries = info[section]
-        if not isinstance(entries, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                    for k, v in entries.items()):
-            raise UserInputError(f"{where}: {section} must map names to names (strings)")
-    return info
+        if info["version"] == 1:
+            return AutoConfig.from_pretrained(path, trust_remote_code=False)
+        data = json.loads((path / "config.json").read_text())
+        data.update(model_type=info.get("model_type"), architectures=[info["architecture"]])
+        config_class = transformers.CONFIG_MAPPING[data["model_type"]]
+        return config_class.from_dict(data)
+    except KeyError:
+        raise UserInputError(f"{path / INFO_FILE}: model type {info.get('model_type')!r} is not one of "
+                             f"transformers") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise UserInputError(f"cannot read {path / 'config.json'}: {e}") from None
 
 
-def _check_against_weights(shell: nn.Module, info: dict, path: Path) -> None:
+def load_compressed(path: str | Path, device: torch.device | str = "cpu"):
+    """Load a folder written by `save_compressed` or `save_dense`: (model in eval mode, tokenizer or
+    None, lowrank.json as a dict)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserInputError(f"compressed model folder {path} does not exist or is not a folder")
+    info = _read_info(path)
+    if not (path / "config.json").is_file():
+        raise UserInputError(f"{path} is not a compressed model folder: missing config.json")
+    refuse_remote_code(path)
+    cls = _architecture(info["architecture"])
+    model = _load_dense(path, cls, info) if info["layout"] == "dense" else _load_compact(path, cls, info)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False) \
+        if (path / "tokenizer_config.json").is_file() else None
+    return model, tokenizer, info
+
+
+def _load_dense(path: Path, cls: type[PreTrainedModel], info: dict) -> PreTrainedModel:
+    try:
+        return cls.from_pretrained(path, dtype=getattr(torch, info["dtype"]), trust_remote_code=False,
+                                   attn_implementation=info["attn_implementation"])
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise UserInputError(f"cannot load the dense model in {path}: {e}") from None
+
+
+def _load_compact(path: Path, cls: type[PreTrainedModel], info: dict) -> PreTrainedModel:
+    """lowrank.json is checked against the weights files' headers before any module is built, and
+    the modules are built with empty (meta) parameters that the loaded weights replace: memory is
+    bounded by the weights files."""
+    files = _weight_files(path, info)
+    config = _config(path, info)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers computed as usual
+        try:
+            model = _build(cls, config, info)
+            _apply_structure(model, info)
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserInputError(f"{path} does not match its {INFO_FILE}: {e}") from None
+    _check_against_weights(model, info, path, files)
+    state = {}
+    for file in files:
+        try:
+            state.update(load_file(file))
+        except (SafetensorError, OSError) as e:
+            raise UserInputError(f"{file} cannot be read: {e}") from None
+    result = model.load_state_dict(state, strict=False, assign=True)
+    bad = sorted(set(result.missing_keys) - set(info["tied"])) + sorted(result.unexpected_keys)
+    if bad:
+        raise UserInputError(f"weights in {path} do not match the model: {', '.join(bad[:5])}")
+    _retie(model, info["tied"])
+    buffers = _non_persistent_buffers(model)
+    for name, dtype in info["buffer_dtypes"].items():
+        module_name, _, attr = name.rpartition(".")
+        model.get_submodule(module_name).register_buffer(attr, buffers[name].to(getattr(torch, dtype)),
+                                                         persistent=False)
+    return model
+
+
+def _check_against_weights(shell: nn.Module, info: dict, path: Path, files: list[Path]) -> None:
     """Compare the model lowrank.json describes (built on the meta device: no memory) with the
-    safetensors header of the weights file: the same tensor names, shapes and dtypes, and tied
+    safetensors headers of the weights files: the same tensor names, shapes and dtypes, and tied
     names that name parameters of equal shape. Nothing is allocated before this passes, so a
-    damaged or hostile lowrank.json cannot make the loader allocate more than the file holds."""
-    where = path / WEIGHTS_FILE
-    try:
-        with safe_open(str(where), framework="pt") as f:
-            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise UserInputError(f"{where} is not a readable safetensors file: {e}") from None
+    damaged or hostile lowrank.json cannot make the loader allocate more than the files hold."""
+    header = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                header.update({k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()})
+        except (SafetensorError, OSError) as e:
+            raise UserInputError(f"{file} is not a readable safetensors file: {e}") from None
     params = dict(shell.named_parameters(remove_duplicate=False))
     for alias, source in info["tied"].items():
         if alias not in params or source not in params or params[alias].shape != params[source].shape:
@@ -315,59 +571,10 @@ def _check_against_weights(shell: nn.Module, info: dict, path: Path) -> None:
     if bad:
         first = bad[0]
         raise UserInputError(
-            f"weights in {where} do not match the model that config.json and {INFO_FILE} describe: "
+            f"weights in {path} do not match the model that config.json and {INFO_FILE} describe: "
             f"{len(bad)} tensor(s) differ, e.g. {first!r}: expected "
             f"{_shape_text(expected.get(first))}, the file holds {_shape_text(header.get(first))}")
 
 
 def _shape_text(entry: tuple | None) -> str:
     return "nothing" if entry is None else f"{list(entry[0])} {entry[1]}"
-
-
-def load_compressed(path: str | Path, device: torch.device | str = "cpu"):
-    """Load a folder written by `save_compressed`: (model in eval mode, tokenizer or None, lowrank.json).
-
-    Never runs code from the folder (safetensors and JSON only, `trust_remote_code=False`, a folder with an
-    `auto_map` is refused). lowrank.json is checked against the weights file's header before any
-    module is built, and the modules are built with empty (meta) parameters that the loaded
-    weights replace: memory is bounded by the weights file."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserInputError(f"compressed model folder {path} does not exist or is not a folder")
-    missing = [f for f in ("config.json", WEIGHTS_FILE, INFO_FILE) if not (path / f).is_file()]
-    if missing:
-        raise UserInputError(f"{path} is not a compressed model folder: missing {', '.join(missing)}")
-    info = _read_info(path)
-    refuse_remote_code(path)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise UserInputError(f"cannot read {path / 'config.json'}: {e}") from None
-    cls = _architecture(config)
-    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers computed as usual
-        try:
-            model = _build(cls, config, info)
-            _apply_structure(model, info)
-        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise UserInputError(f"{path} does not match its {INFO_FILE}: {e}") from None
-    _check_against_weights(model, info, path)
-    try:
-        state = load_file(path / WEIGHTS_FILE)
-    except (SafetensorError, OSError) as e:
-        raise UserInputError(f"{path / WEIGHTS_FILE} cannot be read: {e}") from None
-    result = model.load_state_dict(state, strict=False, assign=True)
-    bad = sorted(set(result.missing_keys) - set(info["tied"])) + sorted(result.unexpected_keys)
-    if bad:
-        raise UserInputError(f"weights in {path / WEIGHTS_FILE} do not match the model: {', '.join(bad[:5])}")
-    _retie(model, info["tied"])
-    buffers = _non_persistent_buffers(model)
-    for name, dtype in info["buffer_dtypes"].items():
-        module_name, _, attr = name.rpartition(".")
-        model.get_submodule(module_name).register_buffer(attr, buffers[name].to(getattr(torch, dtype)),
-                                                         persistent=False)
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False) \
-        if (path / "tokenizer_config.json").is_file() else None
-    return model, tokenizer, info

@@ -8,12 +8,14 @@ The Python API (what the CLI does, returning objects; see `sweeps.api`)::
     df = load_results(result.directory)                 # the trials table, typed
     front = pareto(df[df.status == "ok"], "size_mb", "metric")
 
-Modules, one idea each: `spec` (the sweep file; `section` the base of its sections), `trials`
-(what it runs), `prepare` (model, data, baseline, calibration cache), `shared` (the object store),
-`tuning` (Tune and Optuna), `study` (the Optuna study's journal), `runner` (the run and its
-recovery), `interrupts` (Ctrl-C during a run), `storage` and `table` (files and the results
-table), `analysis`, `report` and `plots`, `export`, `api`, `cli`. The names below are imported on first use, so
-`import sweeps` (the CLI's first import) stays light.
+Modules, one idea each: `spec` (the sweep file; `section` the base of its sections, `spec_outputs`
+its final_eval and tracking sections), `trials` (what it runs), `prepare` (model, data, baseline,
+calibration cache), `shared` (the object store), `tuning` (Tune and Optuna), `study` (the Optuna
+study's journal), `runner` (the run and its recovery), `interrupts` (Ctrl-C during a run),
+`latency` (the stage after the trials), `storage` and `table` (files and the results table),
+`analysis`, `report` and `plots`, `export` (and `model_card`), `evaluation` (lm-eval and
+full-context perplexity), `final_eval` (its sweep stage), `tracking`, `api`, `cli`. The names
+below are imported on first use, so `import sweeps` (the CLI's first import) stays light.
 """
 
 from importlib import import_module
@@ -28,6 +30,7 @@ _EXPORTS = {
     "higher_is_better": "analysis",
     "regenerate": "report",
     "export_trial": "export", "rebuild": "export", "generate": "export", "classify": "export",
+    "evaluate": "evaluation", "Evaluation": "evaluation",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -126,14 +126,14 @@ def find_trial(df: pd.DataFrame, trial_id: str) -> pd.Series:
     return row
 
 
-def checkpoints_to_drop(df: pd.DataFrame, keep: int) -> list[str]:
+def checkpoints_to_drop(df: pd.DataFrame, keep: int, also_keep: set[str] | None = None) -> list[str]:
     """Trial ids whose finetuned-weights checkpoint should go: all but the best `keep` finished trials
     of each target ratio (so `lrsweep export --best` with any ratio bound finds its weights when
-    keep >= 1)."""
+    keep >= 1) and those in `also_keep`."""
     has = df[df["checkpoint"].fillna("").astype(str) != ""]
     if has.empty:
         return []
-    kept = set(best_per_ratio(df, keep)["trial_id"]) if keep > 0 else set()
+    kept = (set(best_per_ratio(df, keep)["trial_id"]) if keep > 0 else set()) | (also_keep or set())
     return [t for t in has["trial_id"] if t not in kept]
 
 

@@ -1,14 +1,15 @@
 """The Python API: what the `lrsweep` CLI does, for notebooks and scripts, returning objects.
 
     import logging
-    from sweeps import load_sweep, plan_sweep, run_sweep, load_results, export_trial, regenerate
+    from sweeps import load_sweep, plan_sweep, run_sweep, load_results, export_trial, evaluate, regenerate
 
     logging.basicConfig(level=logging.INFO)          # progress messages (logger "lrsweep")
     spec = load_sweep("sweeps/examples/quickstart.yaml", storage="results")
     plan = plan_sweep(spec)                          # its trials (TrialConfig), methods, folder
     result = run_sweep(spec, callbacks=[...])        # SweepResult: table, report, timing, faults
     df = load_results(result.directory)              # the typed trials table
-    path, built = export_trial(result.directory, "best/", best=True, max_ratio=0.4)
+    path, built = export_trial(result.directory, "best/", best=True, max_ratio=0.4, format="dense")
+    numbers = evaluate("best/", tasks=["lrsweep_local"], perplexity="packaged:lee")   # sweeps.evaluation
     regenerate(result.directory)                     # report.md and plots again from the table
 
 Errors are `compression.errors.UserInputError`s naming the sweep field or the argument at fault.

@@ -8,7 +8,8 @@
     lrsweep quickstart                   run the packaged example sweeps/examples/quickstart.yaml
     lrsweep report DIR [--out OUT]       report.md and plots again, from DIR/trials.parquet alone
     lrsweep compare DIR_A DIR_B          the same trials of two sweeps side by side
-    lrsweep export DIR (--trial ID | --best [--max-ratio R | --min-ratio R]) --out OUT
+    lrsweep export DIR (--trial ID | --best [--max-ratio R | --min-ratio R]) --out OUT [--format dense]
+    lrsweep evaluate MODEL [--tasks T,...] [--perplexity SOURCE]   lm-eval tasks and full-context perplexity
     lrsweep generate OUT "prompt"        run an exported causal LM
     lrsweep classify OUT "text"          run an exported classifier
 
@@ -91,6 +92,38 @@ def _analysis_commands(sub) -> None:
     export.add_argument("--before-finetune", action="store_true",
                         help="export the compressed model without the trial's finetuned weights")
     export.add_argument("--device", default="cpu", help="where to rebuild it (default: cpu)")
+    export.add_argument("--format", choices=("compact", "dense"), default="compact",
+                        help="compact (default): the factors at the compressed size, for "
+                             "compression.load_compressed (plain transformers refuses it); dense: multiplied back "
+                             "into the dense shapes, a standard folder plain transformers, lm-eval and serving "
+                             "stacks load (no size gain)")
+    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="dtype of the saved weights (default: the model's, float32)")
+    export.add_argument("--max-shard-size", metavar="SIZE", help="largest safetensors file, e.g. 2GB or 500MB "
+                        "(default 50GB); larger models are sharded with an index file, as transformers does")
+    evaluate = sub.add_parser(
+        "evaluate", help="standard numbers for a model: lm-eval tasks, full-context perplexity, or a "
+                         "classifier's accuracy", description="Evaluate an exported model (compact or dense) or a "
+        "model source (the dense model). Local lm-eval tasks (no network): lrsweep_local (= lrsweep_lee_cloze, "
+        "lrsweep_lee_lastword, lrsweep_lee_documents). With a network, the standard ones: wikitext, piqa, "
+        "arc_easy, arc_challenge, hellaswag, winogrande, boolq, openbookqa, lambada_openai.")
+    evaluate.add_argument("model", metavar="MODEL", help="a folder written by `lrsweep export`, or a model source "
+                          "(packaged:smollm2-135m, hf:<id>, path:<dir>)")
+    evaluate.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=[],
+                          help="lm-eval task names, comma-separated (e.g. lrsweep_local or piqa,arc_easy)")
+    evaluate.add_argument("--limit", type=int, help="at most this many documents per task")
+    evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own, 0 here)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--perplexity", metavar="SOURCE", help="text source for perplexity at the full "
+                          "context (e.g. packaged:lee): non-overlapping windows of --seq-len tokens")
+    evaluate.add_argument("--seq-len", type=int, help="perplexity context (default: the model's, at most 8192); "
+                          "for a classifier, its max length")
+    evaluate.add_argument("--max-windows", type=int, help="perplexity over a seeded subset of this many windows")
+    evaluate.add_argument("--labelled", metavar="SOURCE", help="a classifier: score it on the test split of this "
+                          "labelled source (e.g. packaged:tweets)")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--out", default="evaluation.json", help="JSON file of every metric with its stderr "
+                          "(default: evaluation.json)")
     generate = sub.add_parser("generate", help="continue a prompt with an exported causal language model")
     generate.add_argument("model", metavar="OUT", help="folder written by `lrsweep export`")
     generate.add_argument("prompt")
@@ -154,6 +187,13 @@ def _validate(args: argparse.Namespace) -> int:
           f"{f'{lim.trial_seconds:g} s' if lim.trial_seconds else 'none'}, calibration statistics "
           f"{f'{lim.stats_memory_gb:g} GB' if lim.stats_memory_gb else 'half the available memory'}, "
           f"{lim.retries} retries of a crashed trial")
+    if spec.final_eval is not None:
+        fe = spec.final_eval
+        parts = ([f"lm-eval {', '.join(fe.tasks)}"] if fe.tasks else []) + \
+            ([f"perplexity of {fe.perplexity} at the full context"] if fe.perplexity else [])
+        print(f"  final_eval ({fe.trials}, on {fe.device}): {'; '.join(parts)}")
+    if spec.tracking is not None:
+        print(f"  tracking: {', '.join(k for k, v in spec.tracking if v is not None) or 'none'}")
     print(f"  results: {plan.directory}" + (" (holds this sweep already)" if plan.stored else ""))
     if spec.optuna is None:
         print(f"\n{'trial_id':<12}  {'method':<10}  {'allocation':<10}  {'ratio':>6}  options")
@@ -236,10 +276,32 @@ def _export(args: argparse.Namespace) -> int:
     if args.trial is not None and (args.max_ratio is not None or args.min_ratio is not None):
         raise UserInputError("--max-ratio and --min-ratio choose among trials with --best; --trial names one")
     path, built = export_trial(args.experiment, args.out, trial=args.trial, best=args.best, max_ratio=args.max_ratio,
-                         min_ratio=args.min_ratio, before_finetune=args.before_finetune, device=args.device)
+                               min_ratio=args.min_ratio, before_finetune=args.before_finetune, device=args.device,
+                               format=args.format, dtype=args.dtype, max_shard_size=_size(args.max_shard_size))
     print(f"exported {describe(built)}")
-    print(f"to {path} (load it with compression.load_compressed, or run `lrsweep "
-          f"{'classify' if built.label_names else 'generate'} {path} ...`)")
+    run = f"`lrsweep {'classify' if built.label_names else 'generate'} {path} ...`"
+    if args.format == "compact":
+        print(f"to {path}, compact (load it with compression.load_compressed, or run {run}; "
+              f"--format dense writes a folder plain transformers loads)")
+    else:
+        print(f"to {path}, dense: plain transformers loads it (AutoModel*.from_pretrained), and so does {run}; "
+              f"it holds the dense model's parameter count (no size gain)")
+    return 0
+
+
+def _size(text: str | None) -> int | str | None:
+    """--max-shard-size: a number of bytes or a size with its unit."""
+    return int(text) if text is not None and text.isdigit() else text
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from sweeps.evaluation import evaluate
+
+    result = evaluate(args.model, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size,
+                      num_fewshot=args.num_fewshot, perplexity=args.perplexity, seq_len=args.seq_len,
+                      max_windows=args.max_windows, labelled=args.labelled, device=args.device, out=args.out)
+    print(result.describe())
+    print(f"results: {args.out}")
     return 0
 
 
@@ -258,8 +320,8 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
-_ANALYSIS = {"report": _report, "compare": _compare, "export": _export, "generate": _generate,
-             "classify": _classify}
+_ANALYSIS = {"report": _report, "compare": _compare, "export": _export, "evaluate": _evaluate,
+             "generate": _generate, "classify": _classify}
 
 
 class _Progress(logging.Handler):

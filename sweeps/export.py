@@ -1,11 +1,13 @@
-"""Export one trial's compressed model as a Hugging Face folder, and run an exported model.
+"""Export one trial's compressed model as a folder (compact or dense layout), and run an exported model.
 
 Nothing but the rank plan and (when kept) the finetuned weights is stored per trial: the model is
 rebuilt the way the trial built it. The dense model comes from the sweep's model source (for
 classification, with the task-finetuned weights of the calibration cache), its decompositions from
 the cached calibration statistics named by the row's `calibration_key`, the compressed layers from
 the stored rank plan (`compression.compress`); then, for a finetuned trial, the parameters its
-checkpoint holds replace the rebuilt ones. The result goes through `compression.save_compressed`.
+checkpoint holds replace the rebuilt ones. The result goes through `compression.save_compressed`
+(layout "compact": the factors, for `load_compressed`) or `compression.save_dense` (layout "dense":
+multiplied back, for plain transformers and any harness), with a model card (`sweeps.model_card`).
 
 Statistics missing from the cache are computed again from the stored sweep (as `lrsweep calibrate`
 would, without evaluating the dense model) when the sweep's settings still give the same key.
@@ -38,6 +40,7 @@ class Rebuilt:
     plan: object | None          # compression.allocation.RankPlan (None for the dense baseline)
     finetuned: bool              # the trial's finetuned weights were loaded
     label_names: list[str] | None
+    source: str = ""             # the sweep's model source
 
     @property
     def metric(self) -> float:
@@ -177,27 +180,46 @@ def rebuild(directory: str, row: pd.Series, before_finetune: bool = False, devic
             finetuned = True
     model.eval()
     return Rebuilt(model=model, tokenizer=loaded.tokenizer, row=row, plan=plan, finetuned=finetuned,
-                   label_names=label_names)
+                   label_names=label_names, source=spec.model)
+
+
+FORMATS = ("compact", "dense")
 
 
 def export_trial(directory: str, out: str | Path, trial: str | None = None, best: bool = False,
-           max_ratio: float | None = None, min_ratio: float | None = None, before_finetune: bool = False,
-           device: str = "cpu") -> tuple[Path, Rebuilt]:
-    """`lrsweep export`: choose a trial, rebuild its model, write it with `save_compressed`.
-    lowrank.json's "extra" holds the trial's whole row (`TrialRow`), the sweep folder, whether
-    the finetuned weights were loaded, and the metric of exactly this model."""
-    from compression.io import check_output_folder, save_compressed
+                 max_ratio: float | None = None, min_ratio: float | None = None, before_finetune: bool = False,
+                 device: str = "cpu", format: str = "compact", dtype: str | None = None,
+                 max_shard_size: int | str | None = None) -> tuple[Path, Rebuilt]:
+    """`lrsweep export`: choose a trial, rebuild its model, write it in layout `format` ("compact":
+    the factors, `save_compressed`; "dense": multiplied back, `save_dense`) in `dtype` (float32,
+    bfloat16 or float16; default the model's), in safetensors shards of at most `max_shard_size`
+    ("2GB"), with a model card. lowrank.json's "extra" holds the trial's whole row (`TrialRow`),
+    the sweep folder, whether the finetuned weights were loaded, and the metric of exactly this model."""
+    from compression.densify import reference_model
+    from compression.io import check_dtype, check_output_folder, check_shard_size, save_compressed, save_dense
+    from sweeps.model_card import model_card
     from sweeps.storage import check_location
     from sweeps.table import row_of
+    from trainables.sources import license_of
 
+    if format not in FORMATS:
+        raise UserInputError(f"format {format!r} is not an export layout; allowed: {', '.join(FORMATS)}")
+    check_dtype(dtype), check_shard_size(max_shard_size)  # before the (long) rebuild
     directory = str(directory)
     check_device(device)
     check_location(str(check_output_folder(out)), "--out")  # before the model is rebuilt
     df = load_results(directory)
     row = choose(df, trial=trial, best=best, max_ratio=max_ratio, min_ratio=min_ratio)
     built = rebuild(directory, row, before_finetune=before_finetune, device=device)
+    model = built.model.to("cpu")
     extra = row_of(row).to_dict() | {"sweep": directory, "finetuned": built.finetuned, "metric": built.metric}
-    path = save_compressed(built.model.to("cpu"), out, tokenizer=built.tokenizer, plan=built.plan, extra=extra)
+    compressed = sum(p.numel() for p in model.parameters())
+    stored = compressed if format == "compact" else sum(p.numel() for p in reference_model(model).parameters())
+    card = model_card(row, format, built.source, license_of(built.source), str(out), type(model).__name__,
+                      parameters=stored, compressed_parameters=compressed, finetuned=built.finetuned)
+    save = save_compressed if format == "compact" else save_dense
+    path = save(model, out, tokenizer=built.tokenizer, plan=built.plan, extra=extra, dtype=dtype,
+                max_shard_size=max_shard_size, card=card)
     return path, built
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from sweeps import plots
+from sweeps import final_eval, plots
 from sweeps.analysis import (
     best_of_each_method,
     best_per_method,
@@ -339,6 +339,7 @@ def render(df: pd.DataFrame, title: str, about_lines: dict[str, str], spec: dict
             lines += figure(OPTUNA_IMPORTANCES, lambda: plots.optuna_importances(study, name),
                             "Optuna parameter importances")
             lines += figure(OPTUNA_PARETO, lambda: plots.optuna_pareto(study, name), "Optuna Pareto front")
+    lines += final_eval.report_section(df, spec)
     lines += ["## All trials", "", markdown(display(df)) if not df.empty else "(none)", ""]
     failed = df[df["status"] == "error"]
     if not failed.empty:

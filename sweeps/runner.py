@@ -25,6 +25,7 @@ from compression.errors import UserInputError
 from sweeps import __version__
 from sweeps import interrupts
 from sweeps.analysis import checkpoints_to_drop
+from sweeps.final_eval import check_final_eval, keeps_checkpoints, run_final_eval
 from sweeps.latency import measure_latency
 from sweeps.prepare import Prepared, prepare
 from sweeps.report import about, write_report
@@ -33,6 +34,7 @@ from sweeps.spec import SweepSpec
 from sweeps.storage import SWEEP_FILE, TRIALS_FILE, check_location, read_file, sweep_directory, write_file
 from sweeps.study import Journal, read_study
 from sweeps.table import ResultsTable, read_trials, rows_of, typed
+from sweeps.tracking import tracking_callbacks
 from sweeps.trials import check_resources, expand, local_resources, optuna_choices, trial_count
 from sweeps.tuning import make_tuner, trial_id
 from trainables.contract import TrialRow
@@ -140,9 +142,13 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
     """Run a validated sweep to the end (see the module docstring).
 
     address: a Ray cluster (default: a local Ray on this machine); resume: keep the stored sweep's
-    finished trials and run the rest; callbacks: more Ray Tune callbacks (e.g. MLflow's)."""
+    finished trials and run the rest; callbacks: more Ray Tune callbacks, after those of the
+    sweep's `tracking` section. After the trials, the `final_eval` stage (if any) evaluates the
+    dense model and the chosen trials and writes its numbers into the table."""
     directory = sweep_directory(spec.storage, spec.name)
     stored = check_storage(spec, directory, resume)
+    check_final_eval(spec)
+    callbacks = [*tracking_callbacks(spec, directory), *(callbacks or [])]
     started_ray = not ray.is_initialized()
     local = started_ray and address is None and not os.environ.get("RAY_ADDRESS")
     if local:  # a cluster (and its autoscaler) decides for itself what fits
@@ -168,9 +174,9 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
         record = {"name": spec.name, "spec_hash": spec.spec_hash, "version": __version__,
                   "calibration_key": prepared.calibration_key, "spec": spec.model_dump(mode="json")}
         write_file(directory, SWEEP_FILE, json.dumps(record, indent=2).encode())
-        keep = spec.checkpoints.keep
+        keep, front = spec.checkpoints.keep, keeps_checkpoints(spec)
         table = ResultsTable(directory, [prepared.dense_row, *kept],
-                             drop_checkpoints=lambda df: checkpoints_to_drop(df, keep))
+                             drop_checkpoints=lambda df: checkpoints_to_drop(df, keep, front(df) if front else None))
         table.write()
         if kept:
             log.info(f"resume: keeping {len(kept)} finished trial(s) from {directory}")
@@ -191,6 +197,8 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
+    if not faults.unfinished:
+        run_final_eval(spec, directory, table)
     df = table.frame()
     timing = _timing(df, shared, prepared, {r.trial_id for r in kept}, time.perf_counter() - wall)
     header = about(record, df) | {"time": timing.describe()}

@@ -1,12 +1,25 @@
-"""The base of every section of a sweep file (`sweeps.spec`): unknown keys are errors, values are
-frozen, and a YAML boolean is never read as a number (`seq_len: true` would pass as 1)."""
+"""What every section of the sweep file is made of: `Section` (frozen, unknown keys forbidden, a
+YAML boolean never read as a number: `seq_len: true` would pass as 1), `PosInt`, and
+`check_source` (a source-string check as a pydantic validator)."""
 
 from __future__ import annotations
 
 import json
 import typing
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from compression.errors import UserInputError
+from trainables import sources
+
+
+def check_source(source: str, kind: str) -> str:
+    """`trainables.sources.check_source` as a pydantic validator (a ValueError names the field)."""
+    try:
+        return sources.check_source(source, kind)
+    except UserInputError as e:
+        raise ValueError(str(e)) from None
 
 
 class Section(BaseModel):
@@ -25,3 +38,6 @@ class Section(BaseModel):
 
 def _takes_numbers(annotation) -> bool:
     return annotation in (int, float) or any(_takes_numbers(a) for a in typing.get_args(annotation))
+
+
+PosInt = Annotated[int, Field(ge=1)]

@@ -24,10 +24,10 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from compression.allocation import ALLOCATIONS
 from compression.errors import UserInputError
 from compression.methods import MethodConfig, method_config, registered
-from sweeps.section import Section
+from sweeps.section import PosInt, Section, check_source
+from sweeps.spec_outputs import FinalEval, Tracking
 from sweeps.storage import check_storage_string
 from trainables.finetune import SCHEDULES
-from trainables import sources
 
 # Allocations a sweep file may list: those of `compression.allocation` except "explicit" (what
 # Optuna drives internally), plus "optuna" (needs an `optuna` section).
@@ -37,17 +37,6 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
 TASK_MODELS: dict[str, type[BaseModel]] = {}
-
-
-def check_source(source: str, kind: str) -> str:
-    """`trainables.sources.check_source` as a pydantic validator (a ValueError names the field)."""
-    try:
-        return sources.check_source(source, kind)
-    except UserInputError as e:
-        raise ValueError(str(e)) from None
-
-
-PosInt = Annotated[int, Field(ge=1)]
 
 
 class TrainSettings(Section):
@@ -283,7 +272,7 @@ class Limits(Section):
 
 
 # Sections that do not change any result: left out of the sweep hash and of the trial ids.
-NOT_RESULTS = ("name", "storage", "resources", "latency", "checkpoints", "limits")
+NOT_RESULTS = ("name", "storage", "resources", "latency", "checkpoints", "limits", "final_eval", "tracking")
 
 
 class SweepSpec(Section):
@@ -298,6 +287,8 @@ class SweepSpec(Section):
     latency: Latency = Latency()
     checkpoints: Checkpoints = Checkpoints()
     limits: Limits = Limits()
+    final_eval: FinalEval | None = None
+    tracking: Tracking | None = None
     storage: str = "results"
     seed: int = 0
 
@@ -357,6 +348,12 @@ class SweepSpec(Section):
                 raise _at(("grid", "ratio"),
                           f"a single-objective Optuna study needs one budget, got {self.grid[0].ratio}; "
                           f"use objective [metric, size] to search several budgets")
+        if self.final_eval is not None and self.task.type != "causal-lm":
+            raise _at(("final_eval",), "lm-eval tasks and perplexity need a causal-lm sweep; score exported "
+                                       "classifiers with `lrsweep evaluate MODEL --labelled SOURCE`")
+        if self.final_eval is not None and self.finetune.steps and not self.checkpoints.keep:
+            raise _at(("final_eval",), "evaluates the trials' finetuned weights, which checkpoints.keep: 0 "
+                                       "deletes; keep at least 1")
         if self.finetune.early_stopping is not None and not (self.finetune.steps and self.finetune.eval_every):
             raise _at(("finetune", "early_stopping"),
                       "needs finetune.steps > 0 and finetune.eval_every > 0 (ASHA stops on the finetuning curve)")

@@ -30,10 +30,10 @@ COLUMNS: dict[str, str] = TrialRow.columns()  # column -> dtype, in file order
 # Columns a table written before they existed may lack (filled with missing values on reading).
 LATER_COLUMNS = ("shape", "latency_device", "latency_batch", "latency_seq_len", "latency_ms_dense",
                  "latency_ms_compressed", "latency_iqr_ms_dense", "latency_iqr_ms_compressed", "speedup",
-                 "speedup_flops", "checkpoint")
+                 "speedup_flops", "checkpoint", "final_eval")
 REQUIRED = tuple(c for c in COLUMNS if c not in LATER_COLUMNS)
 CATEGORIES = ("status", "method", "allocation", "metric_name")
-JSON_COLUMNS = ("options", "group_ratios", "rank_plan")
+JSON_COLUMNS = ("options", "group_ratios", "rank_plan", "final_eval")
 
 
 def frame(rows: list[TrialRow | dict]) -> pd.DataFrame:
@@ -163,8 +163,11 @@ def load_results(directory: str | Path) -> pd.DataFrame:
 
 def typed(df: pd.DataFrame, where: str = "the results table") -> pd.DataFrame:
     """The table for analysis (idempotent; a copy): categories for status, method, allocation and
-    metric name; dicts for `options`, `group_ratios` and `rank_plan` (the JSON of
-    `compression.allocation.RankPlan.to_dict()`); nullable integers for counts."""
+    metric name; dicts for `options`, `group_ratios`, `rank_plan` (the JSON of
+    `compression.allocation.RankPlan.to_dict()`) and `final_eval`; nullable integers for counts.
+    Every number of `final_eval` also gets a column of its own, after the fixed ones, named by its
+    key ("lrsweep_lee_cloze/acc", "lrsweep_lee_cloze/acc_stderr", "context_ppl/perplexity",
+    "seconds/lm_eval", ...; NaN for rows without it)."""
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise UserInputError(f"{where} is partial or not a lowrank-sweep trials table: it lacks the "
@@ -185,7 +188,16 @@ def typed(df: pd.DataFrame, where: str = "the results table") -> pd.DataFrame:
             out[col] = pd.to_numeric(out[col]).astype("float64")
         else:
             out[col] = out[col].astype("string").fillna("")
-    return out.reset_index(drop=True)
+    return _expand_final_eval(out).reset_index(drop=True)
+
+
+def _expand_final_eval(df: pd.DataFrame) -> pd.DataFrame:
+    """One float column per number found in the `final_eval` dicts (columns typed already exist)."""
+    keys = dict.fromkeys(k for cell in df["final_eval"] for k, v in cell.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool))
+    columns = {k: [float(cell[k]) if isinstance(cell.get(k), (int, float)) else math.nan for cell in df["final_eval"]]
+               for k in keys}
+    return df.drop(columns=[k for k in keys if k in df.columns]).assign(**columns) if columns else df
 
 
 def _json_cell(value, column: str, trial_id, where: str) -> dict:

@@ -1,6 +1,8 @@
 """Export of a real sweep's trials (tiny llama and tiny bert): checkpoints kept for the best trial of
-each ratio, the exported model reloads to the logits and metric the trial measured, generate and
-classify run on exports, and bad choices exit 2."""
+each ratio, the exported model reloads to the logits and metric the trial measured (compact and
+dense layouts), generate and classify run on exports, and bad choices exit 2. The same causal sweep
+has a `final_eval` stage (its numbers are those of the exports) and MLflow tracking (one run per
+trial in a local file store)."""
 
 import json
 import random
@@ -22,7 +24,7 @@ from test_sweep_e2e import corpus, env, ray_cluster, sweep  # noqa: F401 - the s
 from trainables.evaluation import evaluate, logits_of
 from trainables.trial import CHECKPOINT_WEIGHTS
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 GRID = [
     {"method": ["whiten-fd"], "ratio": [0.2, 0.4]},
@@ -30,6 +32,11 @@ GRID = [
     {"method": ["svd"], "ratio": [0.99]},  # fails
 ]
 FINETUNE = {"steps": 2, "batch_size": 2, "lr": 1e-3, "train": "compressed"}
+
+
+def final_eval(corpus):
+    return {"tasks": ["lrsweep_lee_cloze"], "limit": 3, "perplexity": f"path:{corpus}", "seq_len": 64,
+            "max_windows": 3}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,7 +51,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def causal(ray_cluster, corpus, env):  # noqa: F811
-    spec = sweep(corpus, env / "results", "causal", grid=GRID, finetune=FINETUNE)
+    spec = sweep(corpus, env / "results", "causal", grid=GRID, finetune=FINETUNE, final_eval=final_eval(corpus),
+                 tracking={"mlflow": {"tags": {"team": "compression"}}})
     out = runner.run_sweep(spec)
     return spec, Path(out.directory)
 
@@ -137,6 +145,41 @@ def test_export_best_reloads_to_the_logits_and_metric_of_the_trial(causal, tmp_p
     assert best["metric"] != pytest.approx(best["metric_compressed"], rel=1e-3)  # finetuning changed it
 
 
+def test_dense_and_compact_exports_with_their_model_cards(causal, tmp_path, capsys):
+    """--format dense: plain transformers loads it, with the logits of the compact export; both
+    carry a model card naming the trial; dtype and shard options reach the files."""
+    import transformers
+
+    _, folder = causal
+    df = load_results(folder)
+    best = df.loc[df[(df["status"] == "ok") & (df["method"] != "dense")]["metric"].idxmin()]
+    code, out, err = cli(capsys, "export", folder, "--best", "--format", "dense", "--out", tmp_path / "dense",
+                         "--max-shard-size", "100KB")
+    assert code == 0, err
+    assert "plain transformers loads it" in out and "no size gain" in out
+    assert (tmp_path / "dense" / "model.safetensors.index.json").is_file()
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    assert sum(p.numel() for p in plain.parameters()) == best["params_dense"]
+    assert cli(capsys, "export", folder, "--best", "--out", tmp_path / "compact")[0] == 0
+    compact, tokenizer, info = load_compressed(tmp_path / "compact")
+    ids = tokenizer(["the model layer rank", "low compress"], return_tensors="pt", padding=True)["input_ids"]
+    with torch.inference_mode():
+        assert (logits_of(plain(input_ids=ids)) - logits_of(compact(input_ids=ids))).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="load_compressed"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "compact")
+    for layout in ("dense", "compact"):
+        card = (tmp_path / layout / "README.md").read_text()
+        assert best["trial_id"] in card and "tiny:llama" in card and f"**{layout}** layout" in card
+        assert "licence of the source model: none (randomly initialised weights)" in card
+        assert f"{100 * best['achieved_ratio']:.2f} % removed" in card and "| q |" in card
+
+    assert cli(capsys, "export", folder, "--best", "--dtype", "bfloat16", "--out", tmp_path / "half")[0] == 0
+    assert load_compressed(tmp_path / "half")[0].dtype == torch.bfloat16
+    code, _, err = cli(capsys, "export", folder, "--best", "--max-shard-size", "9XB", "--out", tmp_path / "bad")
+    assert code == 2 and "max shard size" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_trial_whose_weights_were_not_kept_exports_before_finetuning(causal, tmp_path, capsys, monkeypatch):
     spec, folder = causal
     df = load_results(folder)
@@ -227,3 +270,74 @@ def test_generate_and_classify_run_the_exports(causal, classifier, tmp_path, cap
                           (("generate", tmp_path / "lm", ""), "prompt is empty")):
         code, _, err = cli(capsys, *argv)
         assert code == 2 and message in err and "Traceback" not in err, err
+
+
+# -- the final_eval stage and tracking of the same sweep -------------------------------------------------
+
+
+def test_final_eval_numbers_of_the_dense_model_and_the_best_of_each_ratio(causal, corpus, tmp_path):  # noqa: F811
+    from sweeps.evaluation import EvalSettings, measure
+    from trainables.harness import context_perplexity
+    from trainables.sources import load_model
+
+    spec, folder = causal
+    df = load_results(folder)
+    columns = ["lrsweep_lee_cloze/acc", "lrsweep_lee_cloze/acc_stderr", "lrsweep_lee_cloze/acc_norm",
+               "context_ppl/perplexity", "seconds/lm_eval", "seconds/context_ppl"]
+    assert all(c in df.columns for c in columns)
+    evaluated = df[df["context_ppl/perplexity"].notna()]
+    best = best_per_ratio(df)
+    assert set(evaluated["trial_id"]) == {"dense", *best["trial_id"]} and len(evaluated) == 3
+    assert evaluated[columns].notna().all().all() and evaluated["lrsweep_lee_cloze/acc"].between(0, 1).all()
+
+    # the dense number is that of the dense model, measured directly ...
+    dense = load_model("tiny:llama", seed=spec.seed)
+    expected = context_perplexity(dense.model, dense.tokenizer, f"path:{corpus}", seq_len=64, max_windows=3,
+                                  seed=spec.seed)
+    assert df.set_index("trial_id").loc["dense", "context_ppl/perplexity"] == pytest.approx(expected.value, rel=1e-6)
+    # ... and a trial's numbers are those of its export (the finetuned model the trial evaluated)
+    row = best.iloc[-1]
+    path, _ = export_trial(str(folder), tmp_path / "exported", trial=row["trial_id"])
+    model, tokenizer, _ = load_compressed(path)
+    settings = EvalSettings(tasks=("lrsweep_lee_cloze",), limit=3, perplexity=f"path:{corpus}", seq_len=64,
+                            max_windows=3, seed=spec.seed)
+    for key, value in measure(model, tokenizer, settings).metrics.items():
+        assert row[key] == pytest.approx(value, rel=1e-5), key
+    assert "lrsweep_lee_cloze/acc" in (path / "README.md").read_text()  # the model card quotes them
+
+    report = (folder / "report.md").read_text()
+    section = report.split("## Standard evaluation (final_eval)")[1].split("\n## ")[0]
+    assert all(t in section for t in evaluated["trial_id"]) and "lrsweep_lee_cloze/acc" in section
+
+
+def test_final_eval_keeps_numbers_until_its_settings_change(causal, monkeypatch):
+    """What a resumed sweep does with the stored table: nothing for the same settings."""
+    import sweeps.evaluation
+    from sweeps.final_eval import run_final_eval
+    from sweeps.table import ResultsTable, read_trials, rows_of, typed
+
+    spec, folder = causal
+    calls = []
+    original = sweeps.evaluation.measure
+    monkeypatch.setattr(sweeps.evaluation, "measure", lambda *a, **k: calls.append(k["name"]) or original(*a, **k))
+    table = ResultsTable(str(folder), rows_of(read_trials(str(folder))))
+    assert run_final_eval(spec, str(folder), table) == 0 and calls == []
+    fewer = spec.model_copy(update={"final_eval": spec.final_eval.model_copy(update={"limit": 2})})
+    assert run_final_eval(fewer, str(folder), table) == 3 and calls[0] == "the dense model"
+    assert all(cell["settings"]["limit"] == 2 for cell in typed(table.frame())["final_eval"] if cell)
+
+
+def test_one_mlflow_run_per_trial_in_the_sweep_folder(causal):
+    import mlflow
+
+    spec, folder = causal
+    client = mlflow.MlflowClient(tracking_uri=(folder / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name(spec.name).experiment_id])
+    df = load_results(folder)
+    assert len(runs) == len(df[df["method"] != "dense"]) == 4
+    assert all(r.data.tags["team"] == "compression" and r.data.params["trial/method"] in ("svd", "whiten-fd")
+               for r in runs)
+    ok = df[(df["status"] == "ok") & (df["method"] != "dense")]
+    logged = [r.data.metrics for r in runs if r.data.metrics.get("metric", float("nan")) > 0]  # the failed one: NaN
+    assert sorted(m["metric"] for m in logged) == pytest.approx(sorted(ok["metric"]))
+    assert sorted(m["size_mb"] for m in logged) == pytest.approx(sorted(ok["size_mb"]))

@@ -13,7 +13,7 @@ from tiny_models import VOCAB, random_biases, tiny_config, tiny_model
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from compression.errors import UserInputError
-from compression.io import INFO_FILE, WEIGHTS_FILE, load_compressed, save_compressed
+from compression.io import COMPACT_WEIGHTS, INFO_FILE, load_compressed, save_compressed
 from compression.targets import find_mlps, find_targets
 from compression.layers import LowRankLinear
 from compression.targets import dense_layer, dense_shape, dense_weight, layer_kind, set_dense_weight
@@ -124,7 +124,7 @@ def test_tied_embeddings_saved_once_and_retied(tmp_path, make):
     low_rank_everything(model)
     before = logits(model, IDS)
     path = save_compressed(model, tmp_path / "m")
-    with safe_open(path / WEIGHTS_FILE, "pt") as f:
+    with safe_open(path / COMPACT_WEIGHTS, "pt") as f:
         keys = set(f.keys())
     loaded, _, info = load_compressed(path)
     assert "lm_head.weight" in info["tied"] or "cls.predictions.decoder.weight" in info["tied"]
@@ -250,13 +250,12 @@ def test_bad_folders(tmp_path):
         load_compressed(path)
 
     (path / INFO_FILE).write_text(info_text)
-    (path / WEIGHTS_FILE).write_bytes(b"garbage")
+    (path / COMPACT_WEIGHTS).write_bytes(b"garbage")
     with pytest.raises(UserInputError):
         load_compressed(path)
 
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "architectures": ["os.system"]}))
-    with pytest.raises(UserInputError, match="architectures"):
+    (path / INFO_FILE).write_text(json.dumps({**json.loads(info_text), "architecture": "os.system"}))
+    with pytest.raises(UserInputError, match="not a model class of transformers"):
         load_compressed(path)
 
 

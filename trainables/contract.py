@@ -133,6 +133,7 @@ class TrialRow:
     speedup: float = math.nan            # latency_ms_dense / latency_ms_compressed (< 1: slower than dense)
     speedup_flops: float = math.nan      # dense / compressed FLOPs per token at latency_seq_len (compression.cost)
     checkpoint: str = ""                 # folder of the finetuned weights, relative to the sweep folder ("" = none)
+    final_eval: str = "{}"               # JSON of the final_eval stage: {"task/metric": value, ...} (see sweeps.table)
 
     @classmethod
     def columns(cls) -> dict[str, str]:

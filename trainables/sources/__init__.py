@@ -34,7 +34,7 @@ from . import data, packaged, tiny, wiki
 
 __all__ = [
     "LoadedModel", "LabelledData", "TASKS", "SPLITS", "check_source", "load_model", "load_documents",
-    "draw_windows", "load_labelled", "describe_sources", "max_positions",
+    "draw_windows", "load_labelled", "describe_sources", "max_positions", "license_of",
 ]
 
 TASKS = ("causal-lm", "classification")
@@ -216,6 +216,31 @@ def _path_model(source, path: Path, task, num_labels, dtype, seed):
                         dtype, seed)
     raise UserInputError(f"source '{source}': {path} is not a model; allowed: a folder with config.json "
                          "(Hugging Face format) or a .gguf file")
+
+
+def license_of(source: str) -> str:
+    """The licence of a model source, as its model card says (the `license:` of a folder's or
+    the hub cache's README.md front matter; for packaged models, their hub card's), or a line
+    saying it is unknown. Reads local files only."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.repocard import metadata_load
+
+    scheme, rest = _split_source(source)
+    if scheme == "tiny":
+        return "none (randomly initialised weights)"
+    if scheme == "packaged":
+        return packaged.get(rest, "model").license or "unknown"
+    if scheme == "path":
+        folder = Path(rest).expanduser()
+        card = (folder.parent if folder.is_file() else folder) / "README.md"  # a .gguf file: its folder
+    else:
+        card = try_to_load_from_cache(rest, "README.md")
+    try:
+        meta = metadata_load(card) if isinstance(card, (str, Path)) and Path(card).is_file() else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        meta = None
+    found = (meta or {}).get("license")
+    return str(found) if found else "unknown: check the licence of the source model before sharing this model"
 
 
 # ---------------------------------------------------------------- text

