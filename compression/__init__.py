@@ -10,7 +10,8 @@
 
 Layout: `targets` (all architecture knowledge: blocks, roles, weight layouts), `methods` (one
 module per method, registered configs), `allocation` (rank plans for a budget), `calibration`
-(statistics), `layers` (the compressed layer types and the swaps), `apply` (the verbs above), `io`.
+(statistics), `layers` (the compressed layer types and the swaps), `apply` (the verbs above), `io`,
+`flops` (FLOPs per token), `refit` (propagated refitting of a compressed model).
 
 The names below are imported on first use (PEP 562), so `import compression.errors` (the CLI's
 error type) does not pay for importing torch and transformers.
@@ -23,8 +24,9 @@ _EXPORTS = {
     "compress": "apply", "decompose_model": "apply", "make_units": "apply", "plan_ranks": "apply",
     "CalibrationStats": "calibration", "collect_stats": "calibration",
     "UserInputError": "errors",
+    "flop_speedup": "flops", "flops_per_token": "flops",
     "load_compressed": "io", "save_compressed": "io",
-    "LowRankLinear": "layers", "prune_mlp": "layers", "replace_low_rank": "layers",
+    "IdentityBlockLinear": "layers", "LowRankLinear": "layers", "prune_mlp": "layers", "replace_low_rank": "layers",
     "METHODS": "methods", "Factorization": "methods", "LayerStats": "methods", "LowRankDecomposition": "methods",
     "MatrixMethod": "methods", "MethodConfig": "methods", "MlpMethod": "methods", "NeuronDecomposition": "methods",
     "decompose": "methods", "method_config": "methods", "register": "methods",

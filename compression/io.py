@@ -6,13 +6,15 @@ tokenizer is given, and `lowrank.json`, which says how the compressed model diff
 the config builds::
 
     {
-      "format": "lowrank-sweep", "version": 1,
+      "format": "lowrank-sweep", "version": 2,
       "architecture": "LlamaForCausalLM",          # class in `transformers`, also in config.architectures
       "dtype": "float32", "attn_implementation": "sdpa",
       "parameters": 1234567,                      # whole model, tied weights counted once
       "method": "whiten-fd", "plan": {...},       # RankPlan.to_dict(), or null
       "low_rank": {"model.layers.0.self_attn.q_proj":
                    {"in_features": 576, "out_features": 576, "rank": 96, "bias": false}},
+      "identity_block": {"model.layers.0.self_attn.o_proj":    # IdentityBlockLinear layers
+                   {"in_features": 576, "out_features": 576, "rank": 318, "bias": false}},
       "resized": {"model.layers.0.mlp.up_proj":   # narrower dense layers (pruned MLPs)
                   {"kind": "linear", "in_features": 576, "out_features": 920, "bias": false}},
       "tied": {"lm_head.weight": "model.embed_tokens.weight"},   # saved once, retied on load
@@ -20,9 +22,10 @@ the config builds::
       "extra": {...}
     }
 
-`load_compressed` builds the architecture from the config, swaps in empty `LowRankLinear` shells
-and narrower layers as `lowrank.json` says, loads the weights strictly and reties tied weights:
-the result gives identical logits.
+`load_compressed` builds the architecture from the config, swaps in empty `LowRankLinear` and
+`IdentityBlockLinear` shells and narrower layers as `lowrank.json` says, loads the weights (and the
+identity blocks' index buffers) strictly and reties tied weights: the result gives identical
+logits. Version 1 files (before identity blocks) are read as well.
 """
 
 from __future__ import annotations
@@ -41,40 +44,48 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from .errors import UserInputError
-from .layers import LowRankLinear
+from .layers import IdentityBlockLinear, LowRankLinear
 from .targets import LINEAR_TYPES, dense_layer, dense_shape, layer_kind
 
 FORMAT = "lowrank-sweep"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 INFO_FILE = "lowrank.json"
 WEIGHTS_FILE = "model.safetensors"
 _REQUIRED = ("architecture", "dtype", "attn_implementation", "low_rank", "resized", "tied", "buffer_dtypes")
 
 
-def _structure(model: PreTrainedModel, reference: nn.Module) -> tuple[dict, dict]:
-    """The low-rank layers of `model`, and its dense layers whose shape differs from `reference`."""
-    low_rank, resized = {}, {}
+_FACTORED = {"low_rank": LowRankLinear, "identity_block": IdentityBlockLinear}  # lowrank.json key -> layer
+
+
+def _structure(model: PreTrainedModel, reference: nn.Module) -> tuple[dict, dict, dict]:
+    """The low-rank and identity-block layers of `model`, and its dense layers whose shape differs
+    from `reference`."""
+    factored: dict[str, dict] = {key: {} for key in _FACTORED}
+    resized = {}
     ref_modules = dict(reference.named_modules())
     for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            low_rank[name] = {"in_features": module.in_features, "out_features": module.out_features,
-                              "rank": module.rank, "bias": module.has_bias}
-        elif isinstance(module, LINEAR_TYPES) and name.rpartition(".")[0] not in low_rank:
+        key = next((k for k, cls in _FACTORED.items() if isinstance(module, cls)), None)
+        if key is not None:
+            factored[key][name] = {"in_features": module.in_features, "out_features": module.out_features,
+                                   "rank": module.rank, "bias": module.has_bias}
+        elif isinstance(module, LINEAR_TYPES) and not any(name.rpartition(".")[0] in f for f in factored.values()):
             ref = ref_modules.get(name)
             if type(ref) is not type(module) or dense_shape(ref) != dense_shape(module):
                 n_in, n_out, bias = dense_shape(module)
                 resized[name] = {"kind": layer_kind(module), "in_features": n_in, "out_features": n_out,
                                  "bias": bias}
-    return low_rank, resized
+    return factored["low_rank"], factored["identity_block"], resized
 
 
 def _apply_structure(model: nn.Module, info: dict) -> None:
     """Swap in empty low-rank shells and narrower dense layers as `info` describes (in place)."""
-    for name, spec in info["low_rank"].items():
-        old = model.get_submodule(name)
-        model.set_submodule(name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
-                                                bias=spec["bias"], dtype=_dtype_of(old, model),
-                                                device=_device_of(old, model)), strict=True)
+    for key, cls in _FACTORED.items():
+        for name, spec in info.get(key, {}).items():
+            old = model.get_submodule(name)
+            model.set_submodule(name, cls(spec["in_features"], spec["out_features"], spec["rank"],
+                                          bias=spec["bias"], dtype=_dtype_of(old, model),
+                                          device=_device_of(old, model)), strict=True)
     for name, spec in info["resized"].items():
         old = model.get_submodule(name)
         model.set_submodule(name, dense_layer(spec["kind"], spec["in_features"], spec["out_features"],
@@ -165,7 +176,7 @@ def save_compressed(
     }
     with torch.device("meta"):
         reference = _build(type(model), config, info)
-    info["low_rank"], info["resized"] = _structure(model, reference)
+    info["low_rank"], info["identity_block"], info["resized"] = _structure(model, reference)
     _apply_structure(reference, info)
     tied = _tied(model)
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
@@ -174,7 +185,8 @@ def save_compressed(
                  if k not in state or k not in ref_state or state[k].shape != ref_state[k].shape)
     if bad:
         raise UserInputError(f"the model differs from its config in ways {INFO_FILE} cannot describe "
-                             f"(only LowRankLinear and resized Linear/Conv1D layers can): {', '.join(bad[:5])}")
+                             f"(only LowRankLinear, IdentityBlockLinear and resized Linear/Conv1D layers can): "
+                                 f"{', '.join(bad[:5])}")
     info["buffer_dtypes"] = _buffer_dtypes(model, reference)
     info.update(tied=tied, parameters=sum(p.numel() for p in model.parameters()),
                 method=getattr(plan, "method", None), plan=plan.to_dict() if plan is not None else None,
@@ -227,8 +239,9 @@ def load_compressed(path: str | Path, device: torch.device | str = "cpu"):
         info = json.loads((path / INFO_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserInputError(f"{path / INFO_FILE} is not valid JSON: {e}") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") != VERSION:
-        raise UserInputError(f"{path / INFO_FILE} is not a {FORMAT} version {VERSION} file")
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("version") not in READABLE_VERSIONS:
+        raise UserInputError(f"{path / INFO_FILE} is not a {FORMAT} file of version "
+                             f"{' or '.join(map(str, READABLE_VERSIONS))}")
     missing = [k for k in _REQUIRED if k not in info]
     dtypes = [info.get("dtype"), *info.get("buffer_dtypes", {}).values()]
     if missing or not all(isinstance(getattr(torch, str(d), None), torch.dtype) for d in dtypes):

@@ -7,6 +7,8 @@ validated and coerced in `__post_init__`), its class variables say what it is:
     needs       the `LayerStats` fields it reads ("gram", "neuron_fisher", ...)
     factorizes  what one of its units is: "matrix" (a linear layer, low-rank factors) or "mlp"
                 (a whole MLP, neuron selection)
+    allocations the allocations its units allow (None: all; `hybrid` needs "spectrum", the only
+                one that chooses between alternative forms of a unit)
 
 and its `decompose` turns one unit's weight and statistics into a `Factorization`: the
 ratio-independent decomposition of that unit, which the allocation reads (`allocation_unit`, with
@@ -129,6 +131,7 @@ class MethodConfig:
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
     factorizes: ClassVar[str]
+    allocations: ClassVar[tuple[str, ...] | None] = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # options of type float accept ints and are stored as floats
@@ -192,12 +195,33 @@ class MethodConfig:
         return stats
 
 
+FORMS = ("factors", "identity")  # how a matrix method stores a rank-k matrix (`MatrixMethod.form`)
+
+
 @dataclass(frozen=True)
 class MatrixMethod(MethodConfig):
-    """A method that factorises every targeted matrix into low-rank factors."""
+    """A method that factorises every targeted matrix into low-rank factors.
+
+    form: "factors" stores rank k as two factors A B, k (m + n) parameters; "identity" stores the
+    same matrix with an identity block, k (m + n - k) parameters (`methods.identity_block`)."""
 
     factorizes: ClassVar[str] = "matrix"
     whitens: ClassVar[bool] = False  # uses S with S S^T = G: shared by the layers of one input group
+    form: str = "factors"
+
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise UserInputError(f"method {self.name!r}: option form must be one of {', '.join(FORMS)}, "
+                                 f"got {self.form!r}")
+        super().__post_init__()
+
+    def in_form(self, factors: Factorization) -> Factorization:
+        """A decomposition of `decompose` in the method's `form`."""
+        if self.form == "factors":
+            return factors
+        from compression.methods.identity_block import IdentityBlockFactors  # it builds on this module
+
+        return IdentityBlockFactors(factors)
 
     def decompose(self, weight: Tensor, stats: LayerStats | None = None, unit: Target | None = None,
                   whitening: Tensor | None = None, store_dtype: torch.dtype = torch.float32) -> Factorization:
@@ -224,8 +248,8 @@ class MatrixMethod(MethodConfig):
                 if target.input_group not in whitenings:
                     whitenings[target.input_group] = self.whitening(layer_stats.gram)
                 whitening = whitenings[target.input_group]
-            out[target.name] = self.decompose(weight, layer_stats, unit=target, whitening=whitening,
-                                              store_dtype=store_dtype)
+            out[target.name] = self.in_form(self.decompose(weight, layer_stats, unit=target, whitening=whitening,
+                                                           store_dtype=store_dtype))
         return out
 
 
