@@ -25,10 +25,18 @@ def base_config(spec: SweepSpec) -> dict:
     task = spec.task_settings()
     latency = spec.latency.model_dump(mode="json")
     latency["seq_len"] = latency["seq_len"] or task.get("seq_len") or task.get("max_length")
-    return {"model": spec.model, "task": task, "calibration": spec.calibration_settings(),
+    base = {"model": spec.model, "task": task, "calibration": spec.calibration_settings(),
             "finetune": spec.finetune_settings(), "seed": spec.seed,
             "resources": {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
             "latency": latency, "checkpoints": {"keep": spec.checkpoints.keep}}
+    if spec.optuna is not None and spec.grid[0].refit is not None:  # a grid sweep's blocks set it per trial
+        base["refit"] = spec.grid[0].refit.model_dump()
+    return base
+
+
+def refits(spec: SweepSpec) -> bool:
+    """Whether any trial of the sweep has a refit stage (it then needs the calibration batches)."""
+    return any(block.refit is not None for block in spec.grid)
 
 
 def expand(spec: SweepSpec) -> list[TrialConfig]:
