@@ -227,7 +227,7 @@ def test_identity_form_on_gpt2_conv1d_with_biases(tmp_path):
     model = random_biases(tiny_model("gpt2"))
     batches = tiny_batches(model)
     stats = collect_stats(model, batches, progress=False)
-    method = method_config("whiten", form="identity")
+    method = method_config("whiten-fd", form="identity")
     decs = decompose_model(model, stats, method)
     plan = plan_ranks(model, stats, method, 0.3, "uniform", decs)
     small = compress(model, stats, method, plan, decs, inplace=False)

@@ -195,33 +195,18 @@ class MethodConfig:
         return stats
 
 
-FORMS = ("factors", "identity")  # how a matrix method stores a rank-k matrix (`MatrixMethod.form`)
-
-
 @dataclass(frozen=True)
 class MatrixMethod(MethodConfig):
-    """A method that factorises every targeted matrix into low-rank factors.
-
-    form: "factors" stores rank k as two factors A B, k (m + n) parameters; "identity" stores the
-    same matrix with an identity block, k (m + n - k) parameters (`methods.identity_block`)."""
+    """A method that factorises every targeted matrix into low-rank factors."""
 
     factorizes: ClassVar[str] = "matrix"
     whitens: ClassVar[bool] = False  # uses S with S S^T = G: shared by the layers of one input group
-    form: str = "factors"
-
-    def __post_init__(self) -> None:
-        if self.form not in FORMS:
-            raise UserInputError(f"method {self.name!r}: option form must be one of {', '.join(FORMS)}, "
-                                 f"got {self.form!r}")
-        super().__post_init__()
 
     def in_form(self, factors: Factorization) -> Factorization:
-        """A decomposition of `decompose` in the method's `form`."""
-        if self.form == "factors":
-            return factors
-        from compression.methods.identity_block import IdentityBlockFactors  # it builds on this module
-
-        return IdentityBlockFactors(factors)
+        """A decomposition of `decompose` in the form the method stores its matrices in: two factors
+        (this default), or, for a method with a `form` option, possibly an identity block
+        (`methods.identity_block.in_form`)."""
+        return factors
 
     def decompose(self, weight: Tensor, stats: LayerStats | None = None, unit: Target | None = None,
                   whitening: Tensor | None = None, store_dtype: torch.dtype = torch.float32) -> Factorization:

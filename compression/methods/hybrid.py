@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from compression.allocation import Unit
 from compression.errors import UserInputError
-from compression.methods.base import FORMS, Factorization, MethodConfig, register
+from compression.methods.base import Factorization, MethodConfig, register
 from compression.methods.id_fd import IdFd
 from compression.methods.whiten_fd import WhitenFd
 from compression.targets import MlpGroup, Target
@@ -73,23 +73,20 @@ class Alternative:
 @register
 @dataclass(frozen=True)
 class Hybrid(MethodConfig):
-    """form, clamp: those of `whiten-fd`; alpha, eps: the Fisher exponent and floor of both
+    """clamp, form: those of `whiten-fd`; alpha, eps: the Fisher exponent and floor of both
     methods; rtol: that of `id-fd`."""
 
     name: ClassVar[str] = "hybrid"
     needs: ClassVar[tuple[str, ...]] = ("gram", "neuron_fisher")
     factorizes: ClassVar[str] = "matrix or mlp"
     allocations: ClassVar[tuple[str, ...] | None] = ("spectrum",)
-    form: str = "factors"
     clamp: float = 1e-12
     alpha: float = 1.0
     eps: float = 1e-6
     rtol: float = 1e-10
+    form: str = "factors"
 
     def validate(self) -> None:
-        if self.form not in FORMS:
-            raise UserInputError(f"method {self.name!r}: option form must be one of {', '.join(FORMS)}, "
-                                 f"got {self.form!r}")
         for part in (self.matrices, self.neurons):  # their checks of the shared options
             try:
                 part()
@@ -97,7 +94,7 @@ class Hybrid(MethodConfig):
                 raise UserInputError(f"method {self.name!r}: {str(e).split(': ', 1)[-1]}") from None
 
     def matrices(self) -> WhitenFd:
-        return WhitenFd(form=self.form, clamp=self.clamp, alpha=self.alpha, eps=self.eps)
+        return WhitenFd(clamp=self.clamp, alpha=self.alpha, eps=self.eps, form=self.form)
 
     def neurons(self) -> IdFd:
         return IdFd(rtol=self.rtol, alpha=self.alpha, eps=self.eps)

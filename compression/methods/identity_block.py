@@ -1,4 +1,5 @@
-"""The identity-block form of a matrix method's factors (option `form: identity`).
+"""The identity-block form of a matrix method's factors (option `form: identity` of `whiten-fd` and
+`hybrid`; a method opts in with a `form` option and `MatrixMethod.in_form`).
 
 A rank-k factorisation A B of an m x n matrix costs k (m + n) parameters as two factors, so a rank
 above m n / (m + n) saves nothing and the matrix stays dense (a 576 x 576 matrix at most rank 287).
@@ -14,10 +15,23 @@ import torch
 from torch import Tensor, nn
 
 from compression.allocation import Unit
+from compression.errors import UserInputError
 from compression.layers import IdentityBlockLinear, replace_low_rank
-from compression.methods.base import bound_unit
+from compression.methods.base import Factorization, bound_unit
 from compression.methods.factors import LowRankDecomposition
 from compression.targets import get_module
+
+FORMS = ("factors", "identity")  # the values of a method's `form` option
+
+
+def check_form(method: str, form: str) -> None:
+    if form not in FORMS:
+        raise UserInputError(f"method {method!r}: option form must be one of {', '.join(FORMS)}, got {form!r}")
+
+
+def in_form(form: str, factors: Factorization) -> Factorization:
+    """`factors` stored as two factors ("factors") or with an identity block ("identity")."""
+    return IdentityBlockFactors(factors) if form == "identity" else factors
 
 
 def identity_block_params(m: int, n: int, max_rank: int) -> Tensor:
