@@ -208,3 +208,18 @@ def test_alternatives_must_target_the_same_parameters():
         allocate(units, 0.3, "spectrum")
     with pytest.raises(UserInputError, match="both alternative_of and alternative"):
         allocate([Unit("w", "q", 0, 36, 12, 3, alternative_of="x")], 0.2, "uniform")
+
+
+def test_combine_builds_the_same_decompositions(llama):
+    """hybrid's decompositions are whiten-fd's and id-fd's: combining existing ones (in another
+    form) gives what decomposing again gives."""
+    from compression.methods.identity_block import in_form
+
+    model, _, stats = llama
+    method = method_config("hybrid", form="identity")
+    direct = decompose_model(model, stats, method)
+    svds = decompose_model(model, stats, "whiten-fd")
+    combined = method.combine({n: in_form("identity", d) for n, d in svds.items()},
+                              decompose_model(model, stats, "id-fd"))
+    assert plan_ranks(model, stats, method, 0.4, "spectrum", combined) == plan_ranks(
+        model, stats, method, 0.4, "spectrum", direct)

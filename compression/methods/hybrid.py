@@ -106,6 +106,11 @@ class Hybrid(MethodConfig):
                         progress: bool = False) -> dict[str, Factorization]:
         matrices = self.matrices().decompose_model(model, stats, device, store_dtype, progress=progress)
         mlps = self.neurons().decompose_model(model, stats, device, store_dtype, progress=progress)
+        return self.combine(matrices, mlps)
+
+    def combine(self, matrices: dict[str, Factorization], mlps: dict[str, Factorization]) -> dict[str, Factorization]:
+        """This method's decompositions from those of `self.matrices()` (every target) and
+        `self.neurons()` (every MLP): what `decompose_model` returns, without decomposing again."""
         owner = {name: dec.unit for dec in mlps.values() for name in (*dec.unit.inputs, dec.unit.down)}
         out: dict[str, Factorization] = {}
         for name, dec in matrices.items():
