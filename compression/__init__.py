@@ -12,7 +12,8 @@
 Layout: `targets` (all architecture knowledge: blocks, roles, weight layouts), `methods` (one
 module per method, registered configs), `allocation` (rank plans for a budget), `calibration`
 (statistics), `layers` (the compressed layer types and the swaps), `apply` (the verbs above),
-`densify` (a compressed model back in the config's dense shapes), `io` (the two folder layouts).
+`densify` (a compressed model back in the config's dense shapes), `io` (the two folder layouts),
+`cost` (FLOPs per token, layer shapes), `refit` (propagated refitting of a compressed model).
 
 The names below are imported on first use (PEP 562), so `import compression.errors` (the CLI's
 error type) does not pay for importing torch and transformers.
@@ -25,8 +26,9 @@ _EXPORTS = {
     "compress": "apply", "decompose_model": "apply", "make_units": "apply", "plan_ranks": "apply",
     "CalibrationStats": "calibration", "collect_stats": "calibration",
     "UserInputError": "errors",
+    "flops_per_token": "cost", "shape_key": "cost",
     "load_compressed": "io", "save_compressed": "io", "save_dense": "io", "densify": "densify",
-    "LowRankLinear": "layers", "prune_mlp": "layers", "replace_low_rank": "layers",
+    "IdentityBlockLinear": "layers", "LowRankLinear": "layers", "prune_mlp": "layers", "replace_low_rank": "layers",
     "METHODS": "methods", "Factorization": "methods", "LayerStats": "methods", "LowRankDecomposition": "methods",
     "MatrixMethod": "methods", "MethodConfig": "methods", "MlpMethod": "methods", "NeuronDecomposition": "methods",
     "decompose": "methods", "method_config": "methods", "register": "methods",

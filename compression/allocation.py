@@ -1,23 +1,27 @@
 """Rank allocation: how many ranks (or MLP neurons) each unit keeps for one parameter budget.
 
-`ratio` is the fraction of the targeted parameters REMOVED. A unit at rank k costs
-fixed_params + k * cost_per_rank (k (m + n) for an m x n matrix, plus a kept bias); a rank that
-would not save parameters leaves the unit dense. Every allocation works in two steps:
+`ratio` is the fraction of the targeted parameters REMOVED. A unit at rank k costs its exact
+parameter count `Unit.params(k)`: fixed_params + k * cost_per_rank by default (k (m + n) for an
+m x n matrix as two factors, plus a kept bias), or any increasing count per rank given as
+`rank_params` (k (m + n - k) for the identity-block form); a rank that would not save parameters
+leaves the unit dense. Every allocation works in two steps:
 
 1. a per-unit target (how many parameters it should lose), from the allocation's rule, with
    clipping to what each unit can lose (rank >= 1) and the surplus redistributed so the targets
    sum to the budget (`_waterfill`); `spectrum` instead solves the knapsack greedily;
-2. integer ranks: k = floor((dense - fixed - target) / cost) (the design's uniform formula),
-   then a fix-up that moves single ranks until the plan removes at least the budget and less
+2. integer ranks: the largest rank removing at least the target (k = floor((dense - fixed -
+   target) / cost) for a linear cost, the design's uniform formula), then a fix-up that moves single ranks until the plan removes at least the budget and less
    than one more rank's worth: the unit furthest below its target loses a rank while short, the
    unit furthest above its target gets a rank back while that keeps the budget (`spectrum` gives
    back the rank whose loss per parameter is highest). So every plan lands within one rank cost
    of the target, far inside the required 1% (checked; a set of units too coarse for 1% raises).
+
+Units may be alternatives of one another (`Unit.alternative_of`, e.g. an MLP pruned or its matrices
+factorised); only `spectrum` chooses between them (`compression.spectrum`).
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +30,7 @@ import torch
 from torch import Tensor
 
 from compression.errors import UserInputError
+from compression.spectrum import RankState, chosen, choices, greedy
 
 ALLOCATIONS = ("uniform", "layer", "type", "spectrum", "explicit")
 GRANULARITIES = ("block", "role", "matrix")
@@ -38,8 +43,13 @@ TYPE_LOG_ANCHOR = 1e3  # `type`: the smallest positive loss of a group maps to l
 class Unit:
     """One thing that gets a rank: a matrix (SVD family) or an MLP (`id`, rank = kept neurons).
 
-    params(k) = fixed_params + k * cost_per_rank; dense_params includes fixed_params (a bias).
+    params(k) = fixed_params + k * cost_per_rank, or rank_params[k] when given (the exact count of
+    every rank 0..max_rank, increasing; cost_per_rank is then the largest cost of one rank);
+    dense_params includes fixed_params (a bias).
     loss_curve[k] ([max_rank + 1]) = the method's loss when keeping rank k (type / spectrum).
+    alternative_of / alternative: units with the same `alternative_of` (say an MLP's name) and
+    different `alternative`s ("prune", "factorise") are exclusive forms of one thing; a plan keeps
+    the units of one alternative of each (the others are not in it).
     """
 
     name: str
@@ -51,18 +61,30 @@ class Unit:
     dense_when_unprofitable: bool = True
     loss_curve: Tensor | None = None
     fixed_params: int = 0
+    rank_params: Tensor | None = None
+    alternative_of: str | None = None
+    alternative: str | None = None
+
+    def params_at(self, k: int) -> int:
+        """Parameters of the unit at rank k in its low-rank form (however many that is)."""
+        if self.rank_params is not None:
+            return int(self.rank_params[k])
+        return self.fixed_params + k * self.cost_per_rank
 
     def params(self, k: int | None) -> int:
-        """Parameters at rank k (None = dense)."""
+        """Parameters at rank k (None = dense; a rank that saves nothing stays dense)."""
         if k is None:
             return self.dense_params
-        p = self.fixed_params + k * self.cost_per_rank
+        p = self.params_at(k)
         return self.dense_params if self.dense_when_unprofitable and p >= self.dense_params else p
 
     @property
     def max_profitable_rank(self) -> int:
         """Largest rank that saves parameters (0: the unit can only stay dense)."""
-        return max(0, min(self.max_rank, (self.dense_params - self.fixed_params - 1) // self.cost_per_rank))
+        if self.rank_params is None:
+            return max(0, min(self.max_rank, (self.dense_params - self.fixed_params - 1) // self.cost_per_rank))
+        cheaper = (self.rank_params < self.dense_params).nonzero()
+        return int(cheaper.max()) if cheaper.numel() else 0
 
 
 @dataclass
@@ -128,32 +150,6 @@ class RankPlan:
             raise UserInputError(f"rank plan is malformed ({err!r}); expected RankPlan.to_dict() output") from err
 
 
-class _State:
-    """Integer state of the units: k in [1, kmax] or kmax + 1 (= dense)."""
-
-    def __init__(self, units: Sequence[Unit]) -> None:
-        self.units = units
-        self.kmax = [u.max_profitable_rank for u in units]
-        self.k = [km + 1 for km in self.kmax]  # all dense
-        self.total_dense = sum(u.dense_params for u in units)
-        self.curves = [
-            None if u.loss_curve is None else u.loss_curve.detach().to("cpu", torch.float64).tolist() for u in units
-        ]
-
-    def removed(self, i: int, k: int | None = None) -> int:
-        k = self.k[i] if k is None else k
-        u = self.units[i]
-        return 0 if k > self.kmax[i] else u.dense_params - u.fixed_params - k * u.cost_per_rank
-
-    def loss(self, i: int, k: int | None = None) -> float:
-        k = self.k[i] if k is None else k
-        curve = self.curves[i]
-        return curve[-1] if k > self.kmax[i] else curve[k]
-
-    def total(self) -> int:
-        return sum(self.removed(i) for i in range(len(self.units)))
-
-
 def allocate(
     units: list[Unit],
     ratio: float,
@@ -179,7 +175,19 @@ def allocate(
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise UserInputError(f"ratio must be a number strictly between 0 and 1 (fraction removed), got {ratio!r}")
     _check_units(units)
-    state = _State(units)
+    if allocation in ("type", "spectrum"):
+        missing = [u.name for u in units if u.loss_curve is None]
+        if missing:
+            raise UserInputError(
+                f"allocation {allocation!r} needs a loss curve for every unit; missing for "
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+            )
+    if any(u.alternative_of is not None for u in units):
+        if allocation != "spectrum":
+            raise UserInputError(f"allocation {allocation!r} cannot choose between alternative forms of a unit "
+                                 f"(e.g. an MLP pruned or factorised); use 'spectrum'")
+        return _with_alternatives(units, ratio, method)
+    state = RankState(units)
     dense = torch.tensor([float(u.dense_params) for u in units], dtype=torch.float64)
     room = torch.tensor([float(state.removed(i, 1)) for i in range(len(units))], dtype=torch.float64)
     total = float(dense.sum())
@@ -190,16 +198,8 @@ def allocate(
             f"is {float(room.sum()) / total:.4f}"
         )
     extra: dict = {}
-    if allocation in ("type", "spectrum"):
-        missing = [u.name for u in units if u.loss_curve is None]
-        if missing:
-            raise UserInputError(
-                f"allocation {allocation!r} needs a loss curve for every unit; missing for "
-                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
-            )
     if allocation == "spectrum":
         _spectrum(state, budget)
-        _fix_up(state, budget, None, lambda i: (state.loss(i) - state.loss(i, state.k[i] + 1)))
     else:
         if allocation == "uniform":
             targets = _waterfill(torch.ones_like(dense), dense, room, budget)
@@ -215,9 +215,40 @@ def allocate(
                     f"the maximum is {float(room[base > 0].sum()) / total:.4f}"
                 )
             targets = _waterfill(base, dense, room, budget)
-        for i, u in enumerate(units):
-            state.k[i] = _rank_for_target(u, state.kmax[i], float(targets[i]))
+        for i in range(len(units)):
+            state.k[i] = state.rank_for(i, float(targets[i]))
         _fix_up(state, budget, targets.tolist(), None)
+    return _plan(state, ratio, allocation, method, extra)
+
+
+def _spectrum(state: RankState, budget: float) -> None:
+    """The greedy knapsack (`compression.spectrum.greedy`), then single-rank give-backs where they
+    recover the most loss per parameter."""
+    greedy(state, budget)
+    _fix_up(state, budget, None, lambda i: (state.loss(i) - state.loss(i, state.k[i] + 1)))
+
+
+def _with_alternatives(units: list[Unit], ratio: float, method: str) -> RankPlan:
+    """`spectrum` over units with alternatives: the lowest-loss plan over the candidate choices of
+    `compression.spectrum.choices` (the units of the other alternatives are left out of it)."""
+    groups = {u.alternative_of: u.alternative for u in reversed(units) if u.alternative_of is not None}
+    budget = ratio * sum(units[i].dense_params for i in chosen(units, groups))  # alternatives cost the same dense
+    best = None
+    for choice in choices(units, budget):
+        state = RankState([units[i] for i in chosen(units, choice)])
+        _spectrum(state, budget)
+        plan = _plan(state, ratio, "spectrum", method, {"alternatives": dict(sorted(choice.items()))})
+        if best is None or plan.predicted_loss < best.predicted_loss:
+            best = plan
+    if best is None:
+        raise UserInputError(f"ratio {ratio} cannot be reached with any choice of alternatives")
+    return best
+
+
+def _plan(state: RankState, ratio: float, allocation: str, method: str, extra: dict) -> RankPlan:
+    units = state.units
+    budget = ratio * state.total_dense
+    total = state.total_dense
     removed = state.total()
     if abs(removed - budget) > TOLERANCE * total:
         raise UserInputError(
@@ -251,6 +282,23 @@ def _check_units(units: list[Unit]) -> None:
         if u.loss_curve is not None:
             if tuple(u.loss_curve.shape) != (u.max_rank + 1,) or not bool(torch.isfinite(u.loss_curve).all()):
                 raise UserInputError(f"unit {u.name!r}: loss_curve must be finite with max_rank + 1 entries")
+        if u.rank_params is not None:
+            p = u.rank_params
+            if (tuple(p.shape) != (u.max_rank + 1,) or p.is_floating_point() or int(p[0]) < 0
+                    or not bool((p[1:] > p[:-1]).all()) or int((p[1:] - p[:-1]).max()) > u.cost_per_rank):
+                raise UserInputError(f"unit {u.name!r}: rank_params must be max_rank + 1 increasing integers from "
+                                     f">= 0, each rank costing at most cost_per_rank")
+        if (u.alternative_of is None) != (u.alternative is None):
+            raise UserInputError(f"unit {u.name!r}: give both alternative_of and alternative, or neither")
+    dense_of: dict[tuple[str, str], int] = {}
+    for u in units:
+        if u.alternative_of is not None:
+            key = (u.alternative_of, u.alternative)
+            dense_of[key] = dense_of.get(key, 0) + u.dense_params
+    for group in {g for g, _ in dense_of}:
+        other = {a: d for (g, a), d in dense_of.items() if g == group}
+        if len(set(other.values())) > 1:
+            raise UserInputError(f"the alternatives of {group!r} must target the same parameters, got {other}")
 
 
 def _waterfill(weights: Tensor, dense: Tensor, room: Tensor, budget: float) -> Tensor:
@@ -274,18 +322,8 @@ def _waterfill(weights: Tensor, dense: Tensor, room: Tensor, budget: float) -> T
     return torch.minimum(hi * want, room)
 
 
-def _rank_for_target(unit: Unit, kmax: int, target: float) -> int:
-    """The design's k = floor((dense - fixed - target) / cost), kept in [1, kmax + 1 (= dense)];
-    a unit with nothing to remove stays dense."""
-    if target <= 0:
-        return kmax + 1
-    free = unit.dense_params - unit.fixed_params - target
-    k = math.floor(free / unit.cost_per_rank + 1e-9)
-    return min(max(k, 1), kmax + 1)
-
-
 def _fix_up(
-    state: _State,
+    state: RankState,
     budget: float,
     targets: list[float] | None,
     give_back_gain: Callable[[int], float] | None,
@@ -326,59 +364,6 @@ def _fix_up(
         state.k[i] += 1
 
 
-def _spectrum(state: _State, budget: float) -> None:
-    """Greedy knapsack over all units' ranks, cheapest loss per removed parameter first.
-
-    Per unit the states dense, kmax, kmax - 1, ..., 1 are points (removed params, loss); the
-    greedy walks the lower convex hull of each unit's points (so the jump from dense to the
-    first profitable rank, which saves little but drops the whole tail of the spectrum, is
-    priced together with the ranks behind it) in the global order of hull slopes. For additive
-    losses this is the exact optimum of the relaxed knapsack; the last segment is walked rank by
-    rank and stops as soon as the budget is met.
-    """
-    heap: list[tuple[float, int, int, list[int]]] = []
-    for i in range(len(state.units)):
-        hull = _lower_hull(state, i)
-        if len(hull) > 1:
-            heap.append((_slope(state, i, hull[0], hull[1]), i, 0, hull))
-    heapq.heapify(heap)
-    removed = 0
-    while removed < budget and heap:
-        _, i, pos, hull = heapq.heappop(heap)
-        k_from, k_to = hull[pos], hull[pos + 1]
-        if removed + state.removed(i, k_to) - state.removed(i, k_from) >= budget:
-            for k in range(k_from - 1, k_to - 1, -1):  # walk the last segment rank by rank
-                removed += state.removed(i, k) - state.removed(i)
-                state.k[i] = k
-                if removed >= budget:
-                    return
-        removed += state.removed(i, k_to) - state.removed(i, k_from)
-        state.k[i] = k_to
-        if pos + 2 < len(hull):
-            heapq.heappush(heap, (_slope(state, i, k_to, hull[pos + 2]), i, pos + 1, hull))
-
-
-def _slope(state: _State, i: int, k_from: int, k_to: int) -> float:
-    return (state.loss(i, k_to) - state.loss(i, k_from)) / (state.removed(i, k_to) - state.removed(i, k_from))
-
-
-def _lower_hull(state: _State, i: int) -> list[int]:
-    """States (dense = kmax + 1 first, then kmax ... 1) on the lower convex hull of
-    (removed params, loss) for unit i (monotone chain)."""
-    hull: list[int] = []
-    for k in range(state.kmax[i] + 1, 0, -1):
-        x, y = state.removed(i, k), state.loss(i, k)
-        while len(hull) >= 2:
-            x1, y1 = state.removed(i, hull[-2]), state.loss(i, hull[-2])
-            x2, y2 = state.removed(i, hull[-1]), state.loss(i, hull[-1])
-            if (x2 - x1) * (y - y1) - (y2 - y1) * (x - x1) <= 0:  # hull[-1] not strictly below
-                hull.pop()
-            else:
-                break
-        hull.append(k)
-    return hull
-
-
 def _layer_weights(units: list[Unit], block_importance: Tensor | None, strength: float) -> Tensor:
     """Relative ratio per unit from its block's importance (more important -> loses less).
 
@@ -409,7 +394,7 @@ def _layer_weights(units: list[Unit], block_importance: Tensor | None, strength:
     return torch.tensor([1.0 + strength * (1.0 - 2.0 * z[u.block]) for u in units], dtype=torch.float64)
 
 
-def _type_targets(units: list[Unit], state: _State, room: Tensor, budget: float, extra: dict) -> Tensor:
+def _type_targets(units: list[Unit], state: RankState, room: Tensor, budget: float, extra: dict) -> Tensor:
     """SVD-LLM v2: every role group removes the target ratio (groups that cannot are clipped and
     the others absorb the rest); within a group a matrix's ratio is inversely proportional to
     the log of its truncation loss at the group's uniform rank.
@@ -432,7 +417,7 @@ def _type_targets(units: list[Unit], state: _State, room: Tensor, budget: float,
         ratios[r] = t / float(dense[idx].sum())
         losses = []
         for i in idx:
-            k = min(_rank_for_target(units[i], state.kmax[i], ratios[r] * units[i].dense_params), state.kmax[i])
+            k = min(state.rank_for(i, ratios[r] * units[i].dense_params), state.kmax[i])
             losses.append(state.loss(i, k) if k >= 1 else 0.0)
         positive = [x for x in losses if x > 0]
         if positive:

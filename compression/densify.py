@@ -2,8 +2,9 @@
 
 `densify` undoes the layout of compression, not its effect:
 
-- every `LowRankLinear` (y = A (B x) + b) becomes a dense layer of the kind the architecture uses
-  (`nn.Linear`, or GPT-2's `Conv1D`) holding W = A B (multiplied in float64) and the bias;
+- every `LowRankLinear` (y = A (B x) + b) and `IdentityBlockLinear` becomes a dense layer of the
+  kind the architecture uses (`nn.Linear`, or GPT-2's `Conv1D`) holding W = A B (multiplied in
+  float64) and the bias;
 - every MLP narrowed by neuron pruning (`id`: k of its n neurons kept) gets its full width back:
   the kept neurons first, then n - k neurons with zero rows (and zero bias entries) in the input
   layers (up/gate/fc1) and zero columns in the down layer (down/fc2). A zero column of the down
@@ -22,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .errors import UserInputError
-from .layers import LowRankLinear
+from .layers import IdentityBlockLinear, LowRankLinear
 from .targets import LINEAR_TYPES, dense_layer, dense_shape, dense_weight, find_mlps, layer_kind, set_module
 
 
@@ -43,7 +44,7 @@ def densify(model: PreTrainedModel, inplace: bool = False) -> PreTrainedModel:
         model = copy.deepcopy(model)
     ref_modules = dict(reference.named_modules())
     for name, module in list(model.named_modules()):
-        if isinstance(module, LowRankLinear):
+        if isinstance(module, (LowRankLinear, IdentityBlockLinear)):
             set_module(model, name, _multiplied(module, _reference_layer(ref_modules, name)))
     if _differing(model, ref_modules):  # narrowed MLPs (find_mlps refuses a model without MLPs)
         for mlp in find_mlps(reference):
@@ -81,16 +82,15 @@ def _reference_layer(ref_modules: dict[str, nn.Module], name: str) -> nn.Module:
     return ref
 
 
-def _multiplied(layer: LowRankLinear, ref: nn.Module) -> nn.Module:
+def _multiplied(layer: LowRankLinear | IdentityBlockLinear, ref: nn.Module) -> nn.Module:
     """The dense layer of `ref`'s kind computing what `layer` computes."""
-    weight = layer.second.weight
+    weight = next(layer.parameters())
     dense = dense_layer(layer_kind(ref), layer.in_features, layer.out_features, layer.has_bias,
                         dtype=weight.dtype, device=weight.device)
     with torch.no_grad():
-        product = layer.second.weight.double() @ layer.first.weight.double()
-        dense_weight(dense).copy_(product)
+        dense_weight(dense).copy_(copy.deepcopy(layer).double().product())
         if layer.has_bias:
-            dense.bias.copy_(layer.second.bias)
+            dense.bias.copy_(layer.bias_vector())
     return dense.train(layer.training).requires_grad_(weight.requires_grad)
 
 

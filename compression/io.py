@@ -25,6 +25,9 @@ convention: `model-00001-of-00002.safetensors` + `model.safetensors.index.json`;
       "low_rank": {"model.layers.0.self_attn.q_proj":          # compact only
                    {"in_features": 576, "out_features": 576, "rank": 96, "bias": false}},
       "resized": {"model.layers.0.mlp.up_proj":   # narrower dense layers (pruned MLPs); compact only
+                   {"kind": "linear", "in_features": 576, "out_features": 920, "bias": false}},
+      "identity_block": {"model.layers.0.self_attn.o_proj":    # IdentityBlockLinear layers; compact only
+                   {"in_features": 576, "out_features": 576, "rank": 318, "bias": false}},
                   {"kind": "linear", "in_features": 576, "out_features": 920, "bias": false}},
       "tied": {"lm_head.weight": "model.embed_tokens.weight"},   # saved once, retied on load
       "buffer_dtypes": {"model.rotary_emb.inv_freq": "bfloat16"},  # unsaved buffers cast after build
@@ -33,8 +36,9 @@ convention: `model-00001-of-00002.safetensors` + `model.safetensors.index.json`;
 
 `load_compressed` reads both layouts and the version 1 compact folders (dense `config.json`,
 `model.safetensors`): for a compact folder it builds the architecture from the config, swaps in
-empty `LowRankLinear` shells and narrower layers as `lowrank.json` says, loads the weights strictly
-and reties tied weights (identical logits); a dense folder goes through `from_pretrained`.
+empty `LowRankLinear` and `IdentityBlockLinear` shells and narrower layers as `lowrank.json` says,
+loads the weights (and the identity blocks' index buffers) strictly and reties tied weights
+(identical logits); a dense folder goes through `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 
 from .densify import densify
 from .errors import UserInputError
-from .layers import LowRankLinear
+from .layers import IdentityBlockLinear, LowRankLinear
 from .targets import LAYER_KINDS, LINEAR_TYPES, dense_layer, dense_shape, layer_kind
 
 FORMAT = "lowrank-sweep"
@@ -90,30 +94,37 @@ _REQUIRED = {"compact": ("architecture", "dtype", "attn_implementation", "low_ra
 # -- what differs from the config's model --------------------------------------------------------
 
 
-def _structure(model: PreTrainedModel, reference: nn.Module) -> tuple[dict, dict]:
-    """The low-rank layers of `model`, and its dense layers whose shape differs from `reference`."""
-    low_rank, resized = {}, {}
+_FACTORED = {"low_rank": LowRankLinear, "identity_block": IdentityBlockLinear}  # lowrank.json key -> layer
+
+
+def _structure(model: PreTrainedModel, reference: nn.Module) -> tuple[dict, dict, dict]:
+    """The low-rank and identity-block layers of `model`, and its dense layers whose shape differs
+    from `reference`."""
+    factored: dict[str, dict] = {key: {} for key in _FACTORED}
+    resized = {}
     ref_modules = dict(reference.named_modules())
     for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            low_rank[name] = {"in_features": module.in_features, "out_features": module.out_features,
-                              "rank": module.rank, "bias": module.has_bias}
-        elif isinstance(module, LINEAR_TYPES) and name.rpartition(".")[0] not in low_rank:
+        key = next((k for k, cls in _FACTORED.items() if isinstance(module, cls)), None)
+        if key is not None:
+            factored[key][name] = {"in_features": module.in_features, "out_features": module.out_features,
+                                   "rank": module.rank, "bias": module.has_bias}
+        elif isinstance(module, LINEAR_TYPES) and not any(name.rpartition(".")[0] in f for f in factored.values()):
             ref = ref_modules.get(name)
             if type(ref) is not type(module) or dense_shape(ref) != dense_shape(module):
                 n_in, n_out, bias = dense_shape(module)
                 resized[name] = {"kind": layer_kind(module), "in_features": n_in, "out_features": n_out,
                                  "bias": bias}
-    return low_rank, resized
+    return factored["low_rank"], factored["identity_block"], resized
 
 
 def _apply_structure(model: nn.Module, info: dict) -> None:
     """Swap in empty low-rank shells and narrower dense layers as `info` describes (in place)."""
-    for name, spec in info["low_rank"].items():
-        old = model.get_submodule(name)
-        model.set_submodule(name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
-                                                bias=spec["bias"], dtype=_dtype_of(old, model),
-                                                device=_device_of(old, model)), strict=True)
+    for key, cls in _FACTORED.items():
+        for name, spec in info.get(key, {}).items():
+            old = model.get_submodule(name)
+            model.set_submodule(name, cls(spec["in_features"], spec["out_features"], spec["rank"],
+                                          bias=spec["bias"], dtype=_dtype_of(old, model),
+                                          device=_device_of(old, model)), strict=True)
     for name, spec in info["resized"].items():
         old = model.get_submodule(name)
         model.set_submodule(name, dense_layer(spec["kind"], spec["in_features"], spec["out_features"],
@@ -296,7 +307,7 @@ def save_compressed(
     info = _header(model, "compact", plan, extra, compressed)
     with torch.device("meta"):
         reference = _build(type(model), config, info)
-    info["low_rank"], info["resized"] = _structure(model, reference)
+    info["low_rank"], info["identity_block"], info["resized"] = _structure(model, reference)
     _apply_structure(reference, info)
     tied = _tied(model)
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
@@ -305,7 +316,8 @@ def save_compressed(
                  if k not in state or k not in ref_state or state[k].shape != ref_state[k].shape)
     if bad:
         raise UserInputError(f"the model differs from its config in ways {INFO_FILE} cannot describe "
-                             f"(only LowRankLinear and resized Linear/Conv1D layers can): {', '.join(bad[:5])}")
+                             f"(only LowRankLinear, IdentityBlockLinear and resized Linear/Conv1D layers can): "
+                             f"{', '.join(bad[:5])}")
     info.update(buffer_dtypes=_buffer_dtypes(model, reference), tied=tied)
     json.dumps(info)  # fail before writing anything if `extra` is not JSON-able
 
@@ -404,7 +416,9 @@ def _read_info(path: Path) -> dict:
 
 def _check_sections(info: dict, where: Path) -> None:
     """The compact layout's sections type-checked (no module is built from them yet)."""
-    sections = {"low_rank": ("in_features", "out_features", "rank"), "resized": ("in_features", "out_features")}
+    info.setdefault("identity_block", {})  # version 1 had no identity blocks
+    sections = {"low_rank": ("in_features", "out_features", "rank"), "identity_block": ("in_features", "out_features", "rank"),
+                "resized": ("in_features", "out_features")}
     for section, sizes in sections.items():
         if not isinstance(info[section], dict):
             raise UserInputError(f"{where}: {section} must map layer names to their shapes")

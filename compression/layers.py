@@ -1,7 +1,10 @@
 """The layers of compressed models and the swaps that put them into a model, in place.
 
-- `LowRankLinear`: the rank-k factorisation W' = A @ B of a linear layer as two smaller linears;
-  `replace_low_rank` swaps it in for an `nn.Linear` or GPT-2 `Conv1D`.
+- `LowRankLinear`: the rank-k factorisation W' = A @ B of a linear layer as two smaller linears,
+  k (m + n) parameters;
+- `IdentityBlockLinear`: the same W' with k of its rows (or columns) made an identity block,
+  k (m + n - k) parameters, so every rank below min(m, n) saves parameters;
+  `replace_low_rank` swaps either in for an `nn.Linear` or GPT-2 `Conv1D`.
 - `prune_mlp`: keeps some intermediate neurons of an MLP; its layers stay plain dense layers of
   the model's own kind (`targets.dense_layer`), only narrower.
 """
@@ -73,9 +76,140 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
 
+    def product(self) -> torch.Tensor:
+        """W' = A B [out, in] (without the bias)."""
+        return self.second.weight @ self.first.weight
+
+    def bias_vector(self) -> torch.Tensor | None:
+        """b [out] (None without a bias)."""
+        return None if self.second.bias is None else self.second.bias.detach().clone()
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.has_bias}")
+
+
+class IdentityBlockLinear(nn.Module):
+    """y = W' x + b for a rank-k W' = A B stored as an identity block and two small linears.
+
+    Any rank-k W' has k linearly independent rows J (or columns): the other rows are combinations
+    C of them, W' = P^T [I_k; C] W'_J, so W'_J [k, n] and C [m - k, k] hold it in k (m + n - k)
+    numbers, never more than the dense m n (equal at k = min(m, n)). J comes from an LU
+    factorisation with partial pivoting of A (A = P L U): W'_J = A_J B with A_J = L_1 U, and
+    C = A_R A_J^-1 = L_2 L_1^-1 with |L| <= 1 (unit triangular L_1, always invertible), so the
+    block is well conditioned whatever the spectrum.
+
+    side "rows" (m <= n): `core` (n -> k) computes z = W'_J x, `coef` (k -> m - k) the other outputs
+    C z; `index` puts the m outputs back in order. side "columns" (m > n): the transpose,
+    W' = W'^J [I_k, C] P: u = x_J + C x_R (`index` gathers the n inputs, `coef` n - k -> k), then
+    `core` (k -> m) computes W'^J u. Both cost k (m + n - k) parameters (plus the bias) and
+    2 k (m + n - k) FLOPs per token; the side puts the index on the shorter of the two vectors.
+    The bias sits in the two linears (for "rows", coef's is b_R - C b_J), so y = W' x + b exactly.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be in [0, {min(in_features, out_features)}], got {rank}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.side = "rows" if out_features <= in_features else "columns"
+        kw = dict(dtype=dtype, device=device)
+        if self.side == "rows":
+            self.core = nn.Linear(in_features, rank, bias=bias, **kw)
+            self.coef = nn.Linear(rank, out_features - rank, bias=bias, **kw)
+        else:
+            self.coef = nn.Linear(in_features - rank, rank, bias=False, **kw)
+            self.core = nn.Linear(rank, out_features, bias=bias, **kw)
+        size = out_features if self.side == "rows" else in_features
+        self.register_buffer("index", torch.arange(size, device=device))
+
+    @classmethod
+    def from_factors(
+        cls,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> IdentityBlockLinear:
+        """The layer computing (A @ B) x + bias; dtype and device default to those of A."""
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[0]:
+            raise ValueError(f"factors must be A [out, k] and B [k, in], got {tuple(A.shape)} and {tuple(B.shape)}")
+        (m, k), n = A.shape, B.shape[1]
+        if bias is not None and tuple(bias.shape) != (m,):
+            raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}")
+        layer = cls(n, m, k, bias=bias is not None, dtype=dtype or A.dtype, device=device or A.device)
+        a, b = A.to(torch.float64), B.to(torch.float64)
+        if layer.side == "columns":  # the rows of W'^T = B^T A^T
+            a, b = b.T, a.T
+        order, block, coef = _identity_block(a, b)
+        with torch.no_grad():
+            if layer.side == "rows":
+                layer.core.weight.copy_(block)
+                layer.coef.weight.copy_(coef)
+                layer.index.copy_(torch.argsort(order))
+                if bias is not None:
+                    b64 = bias.to(torch.float64)
+                    layer.core.bias.copy_(b64[order[:k]])
+                    layer.coef.bias.copy_(b64[order[k:]] - coef @ b64[order[:k]])
+            else:
+                layer.core.weight.copy_(block.T)
+                layer.coef.weight.copy_(coef.T)
+                layer.index.copy_(order)
+                if bias is not None:
+                    layer.core.bias.copy_(bias)
+        return layer
+
+    @property
+    def has_bias(self) -> bool:
+        return self.core.bias is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.side == "rows":
+            z = self.core(x)
+            return torch.cat([z, self.coef(z)], dim=-1).index_select(-1, self.index)
+        xp = x.index_select(-1, self.index)
+        return self.core(xp[..., : self.rank] + self.coef(xp[..., self.rank:]))
+
+    def bias_vector(self) -> torch.Tensor | None:
+        """b [out] (None without a bias): the output at x = 0."""
+        if not self.has_bias:
+            return None
+        with torch.no_grad():
+            return self(self.core.weight.new_zeros(self.in_features))
+
+    def product(self) -> torch.Tensor:
+        """W' [out, in] (without the bias)."""
+        core, coef = self.core.weight, self.coef.weight
+        if self.side == "rows":
+            return torch.cat([core, coef @ core]).index_select(0, self.index)
+        eye = torch.eye(self.rank, dtype=core.dtype, device=core.device)
+        full = core @ torch.cat([eye, coef], dim=1)  # columns in `index` order
+        return full.index_select(1, torch.argsort(self.index))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, side={self.side}, bias={self.has_bias}")
+
+
+def _identity_block(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For W' = a b (a [p, k], float64): (row order, J first [p]; W'_J [k, q]; C [p - k, k])."""
+    p, k = a.shape
+    if k == 0:
+        return torch.arange(p, device=a.device), b.new_zeros(0, b.shape[1]), a.new_zeros(p, 0)
+    perm_matrix, lower, _ = torch.linalg.lu(a)  # a = P L U
+    order = perm_matrix.argmax(dim=0)  # row i of P^T a is a[order[i]]
+    l1, l2 = lower[:k], lower[k:]
+    coef = torch.linalg.solve_triangular(l1, l2, upper=False, left=False, unitriangular=True)  # C L1 = L2
+    return order, a[order[:k]] @ b, coef
 
 
 def _dense(model: nn.Module, name: str) -> nn.Module:
@@ -89,8 +223,10 @@ def _dense(model: nn.Module, name: str) -> nn.Module:
     return layer
 
 
-def replace_low_rank(model: nn.Module, target: Target, A: torch.Tensor, B: torch.Tensor) -> None:
-    """Swap the layer `target.name` for a `LowRankLinear` computing (A @ B) x + bias, in place.
+def replace_low_rank(model: nn.Module, target: Target, A: torch.Tensor, B: torch.Tensor,
+                     layer: type[LowRankLinear | IdentityBlockLinear] = LowRankLinear) -> None:
+    """Swap the layer `target.name` for a `LowRankLinear` (or `layer`, e.g. `IdentityBlockLinear`)
+    computing (A @ B) x + bias, in place.
 
     A [out, k], B [k, in]; the new layer has the old layer's dtype, device, bias, training mode
     and requires_grad.
@@ -100,7 +236,7 @@ def replace_low_rank(model: nn.Module, target: Target, A: torch.Tensor, B: torch
     if A.shape[0] != n_out or B.shape[1] != n_in:
         raise ValueError(f"factors {tuple(A.shape)} @ {tuple(B.shape)} do not fit layer {target.name!r} "
                          f"[{n_out}, {n_in}]")
-    new = LowRankLinear.from_factors(A, B, old.bias, dtype=old.weight.dtype, device=old.weight.device)
+    new = layer.from_factors(A, B, old.bias, dtype=old.weight.dtype, device=old.weight.device)
     new.train(old.training).requires_grad_(old.weight.requires_grad)
     set_module(model, target.name, new)
 

@@ -4,7 +4,8 @@ Nothing but the rank plan and (when kept) the finetuned weights is stored per tr
 rebuilt the way the trial built it. The dense model comes from the sweep's model source (for
 classification, with the task-finetuned weights of the calibration cache), its decompositions from
 the cached calibration statistics named by the row's `calibration_key`, the compressed layers from
-the stored rank plan (`compression.compress`); then, for a finetuned trial, the parameters its
+the stored rank plan (`compression.compress`), refitted as the trial did when it had a refit stage
+(on the sweep's calibration batches, drawn again); then, for a finetuned trial, the parameters its
 checkpoint holds replace the rebuilt ones. The result goes through `compression.save_compressed`
 (layout "compact": the factors, for `load_compressed`) or `compression.save_dense` (layout "dense":
 multiplied back, for plain transformers and any harness), with a model card (`sweeps.model_card`).
@@ -15,6 +16,7 @@ would, without evaluating the dense model) when the sweep's settings still give 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 import logging
 from pathlib import Path
@@ -120,6 +122,8 @@ def rebuild(directory: str, row: pd.Series, before_finetune: bool = False, devic
     from compression.allocation import RankPlan
     from compression.apply import compress, decompose_model
     from compression.methods import method_config
+    from compression.refit import refit, row_scales
+    from sweeps.prepare import redraw_calibration
     from trainables.sources import load_labelled, load_model
 
     directory = str(directory)
@@ -165,7 +169,12 @@ def rebuild(directory: str, row: pd.Series, before_finetune: bool = False, devic
         plan = RankPlan.from_dict(row["rank_plan"])
         stats.check_matches(model)
         decompositions = decompose_model(model, stats, method, device=device if device != "cpu" else None)
+        dense = copy.deepcopy(model) if row["refit"] else None
         compress(model, stats, method, plan, decompositions)
+        if dense is not None:  # the trial's refit stage, on the same calibration batches
+            refit(model, dense, redraw_calibration(spec, loaded.tokenizer), stats.targets, row_scales(decompositions),
+                  dense_layers=row["refit"]["dense"], damp=row["refit"]["damp"])
+            del dense
         del decompositions
         if wants_finetuned and steps > 0:
             trained = _finetuned_weights(directory, row)

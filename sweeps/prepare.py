@@ -91,7 +91,9 @@ def labelled(spec: SweepSpec) -> dict:
             "calibration": calibration.train[: cal["samples"]], "num_labels": len(train.label_names)}
 
 
-def _calibration_batches(spec: SweepSpec, data: dict, tokenizer) -> list[dict[str, torch.Tensor]]:
+def calibration_batches(spec: SweepSpec, data: dict, tokenizer) -> list[dict[str, torch.Tensor]]:
+    """The calibration batches (input_ids, attention_mask, and labels for classification) of the
+    data `draw_text` or `labelled` gave: what the statistics and the refit stage run on."""
     cal = spec.calibration_settings()
     size = cal["batch_size"]
     if spec.task.type == "causal-lm":
@@ -105,6 +107,12 @@ def _calibration_batches(spec: SweepSpec, data: dict, tokenizer) -> list[dict[st
         batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                         "labels": torch.tensor([label for _, label in chunk])})
     return batches
+
+
+def redraw_calibration(spec: SweepSpec, tokenizer) -> list[dict[str, torch.Tensor]]:
+    """The calibration batches of a sweep, drawn again from its sources (deterministic)."""
+    data = draw_text(spec, tokenizer) if spec.task.type == "causal-lm" else labelled(spec)
+    return calibration_batches(spec, data, tokenizer)
 
 
 # -- the calibration cache ------------------------------------------------------------------------
@@ -343,7 +351,7 @@ def _statistics(spec: SweepSpec, loaded: LoadedModel, data: dict, key: str, prog
     if cached:
         log.info(f"calibration: reused {path}")
     else:
-        batches = _calibration_batches(spec, data, loaded.tokenizer)
+        batches = calibration_batches(spec, data, loaded.tokenizer)
         stats = _collect(spec, loaded, data, batches, gradients, progress)
         tensors, metadata = stats.to_tensors()
         _save_atomic(tensors, path, metadata)

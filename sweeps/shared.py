@@ -16,9 +16,9 @@ import ray
 
 from compression.calibration import CalibrationStats
 from compression.methods import MethodConfig
-from sweeps.prepare import Prepared
+from sweeps.prepare import Prepared, calibration_batches
 from sweeps.spec import SweepSpec
-from sweeps.trials import method_configs
+from sweeps.trials import method_configs, refits
 from trainables.sources import load_model
 from trainables.trial import Shared
 
@@ -74,6 +74,8 @@ def put_shared(spec: SweepSpec, prepared: Prepared) -> Shared:
     stats_ref = ray.put(prepared.stats)
     data = {k: prepared.data[k] for k in ("eval", "train") if k in prepared.data}
     data["num_labels"] = prepared.data.get("num_labels")
+    if refits(spec):  # the refit stage runs the calibration batches through each trial's model
+        data["calibration"] = calibration_batches(spec, prepared.data, prepared.loaded.tokenizer)
     data_ref = ray.put(data)
     dense_ref = ray.put(prepared.dense_state) if prepared.dense_state is not None else None
     res = spec.resources

@@ -101,15 +101,27 @@ class Calibration(Section):
     seed: int | None = Field(None, description="default: the sweep seed")
 
 
+class Refit(Section):
+    """Propagated refitting (`compression.refit`): after compressing, every compressed layer is
+    refitted at its rank to the dense model's outputs from the inputs the compressed blocks before
+    it give, block by block on the calibration batches. `dense`: also refit the layers left dense
+    (and pruned MLPs' down projections) by least squares; `damp`: ridge toward the layer's current
+    weight, relative to the mean diagonal of its input Gram."""
+
+    dense: bool = False
+    damp: float = Field(0.0, ge=0)
+
+
 class GridBlock(Section):
     """One block of the grid: the product of its lists. `options` maps a method option (a field of
     the method's config, e.g. whiten-fd's `alpha`) to the values to try; every method of the
-    block must have each option."""
+    block must have each option. `refit` switches the refit stage on for the block's trials."""
 
     method: list[str] = Field(min_length=1)
     ratio: list[float] = Field(min_length=1)
     allocation: list[str] | None = Field(None, min_length=1, description="default: [uniform], or [optuna] in an Optuna sweep")
     options: dict[str, list[Any]] = Field(default_factory=dict)
+    refit: Refit | None = None
 
     @field_validator("method")
     @classmethod
@@ -148,6 +160,12 @@ class GridBlock(Section):
     @model_validator(mode="after")
     def _options_fit(self):
         self.method_configs()  # every method takes every option value (raises naming it)
+        for method in self.method:
+            allowed = registered()[method].allocations
+            bad = [a for a in self.allocation or ["uniform"] if allowed is not None and a not in allowed]
+            if bad:
+                raise ValueError(f"allocation: method {method!r} allows only {', '.join(allowed)}, got "
+                                 f"{', '.join(bad)}")
         return self
 
     def option_sets(self) -> list[dict]:
@@ -174,7 +192,8 @@ class GridBlock(Section):
         for method, ratio, allocation in itertools.product(self.method, self.ratio, self.allocation or ["uniform"]):
             for options in self.option_sets():
                 config = method_config(method, **options)
-                out.append({"method": method, "ratio": ratio, "allocation": allocation, "options": config.options()})
+                out.append({"method": method, "ratio": ratio, "allocation": allocation, "options": config.options(),
+                            "refit": None if self.refit is None else self.refit.model_dump()})
         return out
 
 

@@ -22,10 +22,18 @@ from trainables.contract import TrialConfig
 
 def base_config(spec: SweepSpec) -> dict:
     """The `TrialConfig` fields every trial of the sweep shares."""
-    return {"model": spec.model, "task": spec.task_settings(), "calibration": spec.calibration_settings(),
+    base = {"model": spec.model, "task": spec.task_settings(), "calibration": spec.calibration_settings(),
             "finetune": spec.finetune_settings(), "seed": spec.seed,
             "resources": {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
             "checkpoints": {"keep": spec.checkpoints.keep}}
+    if spec.optuna is not None and spec.grid[0].refit is not None:  # a grid sweep's blocks set it per trial
+        base["refit"] = spec.grid[0].refit.model_dump()
+    return base
+
+
+def refits(spec: SweepSpec) -> bool:
+    """Whether any trial of the sweep has a refit stage (it then needs the calibration batches)."""
+    return any(block.refit is not None for block in spec.grid)
 
 
 def expand(spec: SweepSpec) -> list[TrialConfig]:

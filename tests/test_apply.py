@@ -17,7 +17,7 @@ from compression.calibration import collect_stats
 from compression.errors import UserInputError
 from compression.io import load_compressed, save_compressed
 from compression.targets import dense_weight
-from compression.methods import METHODS
+from compression.methods import METHODS, method_config
 from compression.targets import find_mlps, find_targets
 
 ARCHS = ("llama", "gpt2", "bert", "opt", "distilbert", "gemma3", "mpnet")
@@ -187,7 +187,8 @@ def test_end_to_end(tmp_path, llama, method):
     model, batches, stats = llama
     model = copy.deepcopy(model)
     decs = decompose_model(model, stats, method)
-    plan = plan_ranks(model, stats, method, 0.4, "uniform", decs)
+    allocation = (method_config(method).allocations or ("uniform",))[0]
+    plan = plan_ranks(model, stats, method, 0.4, allocation, decs)
     assert plan.method == method and abs(plan.achieved_ratio - 0.4) <= 0.01
     before = n_params(model)
     compressed = compress(model, stats, method, plan, decs)
@@ -195,12 +196,11 @@ def test_end_to_end(tmp_path, llama, method):
     assert before - n_params(model) == plan.removed_params
     out = logits(model, batches[0])
     assert torch.isfinite(out).all()
-    if method == "id":
-        assert not any(isinstance(m, LowRankLinear) for m in model.modules())
-        for g in find_mlps(tiny_model("llama")):
-            assert model.get_submodule(g.down).in_features == plan.ranks[g.name]
-    else:
-        for name, k in plan.ranks.items():
+    mlps = {g.name: g for g in find_mlps(tiny_model("llama"))}
+    for name, k in plan.ranks.items():
+        if plan.units[name]["role"] == "mlp":  # a pruned MLP: a narrower dense one
+            assert model.get_submodule(mlps[name].down).in_features == k
+        else:
             assert (k is None) == (not isinstance(model.get_submodule(name), LowRankLinear))
             assert k is None or model.get_submodule(name).rank == k
     loaded, _, info = load_compressed(save_compressed(model, tmp_path / "m", plan=plan))

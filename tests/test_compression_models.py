@@ -2,7 +2,7 @@
 MiniLM, with statistics collected by `collect_stats` (not synthetic matrices).
 
 - whitened truncation loss ||(W - W')X||_F^2 = tr(E G E^T) equals the sum of the dropped sigma^2;
-- full rank reproduces every layer; `id` with every neuron reproduces every MLP;
+- full rank reproduces every layer; `id` and `id-fd` with every neuron reproduce every MLP;
 - the achieved ratio is within 1% of the target for every method x allocation at 0.2, 0.4, 0.6;
 - `whiten` has the lowest output error on the calibration data; `whiten-fd` with alpha 0 is `whiten`;
 - `spectrum` removes no more whitened loss than `uniform` at the same budget;
@@ -16,10 +16,13 @@ from tiny_models import ARCHS, tiny_batches, tiny_model
 from compression.allocation import ALLOCATIONS
 from compression.apply import decompose_model, plan_ranks
 from compression.calibration import collect_stats
-from compression.methods import METHODS, NeuronDecomposition
+from compression.methods import METHODS, NeuronDecomposition, method_config
 from compression.targets import find_mlps, weight_matrix
 
 F64 = torch.float64
+# the methods every allocation takes (`hybrid`, whiten-fd and id-fd in one spectrum budget, is
+# tested in tests/test_hybrid.py)
+METHODS = tuple(m for m in METHODS if method_config(m).allocations is None)
 GRID_ALLOCATIONS = tuple(a for a in ALLOCATIONS if a != "explicit")  # explicit: tests/test_allocation.py
 
 
@@ -75,8 +78,8 @@ def test_whitened_loss_is_sum_of_dropped_sigma_squared(calibrated):
 def test_full_rank_reproduces_every_layer(calibrated):
     model, stats, decs = calibrated
     for method in METHODS:
-        if method == "id":
-            continue
+        if any(isinstance(d, NeuronDecomposition) for d in decs[method].values()):
+            continue  # MLP methods: the next test
         for t in stats.targets:
             dec = decs[method][t.name]
             a, b = dec.truncate(dec.max_rank, F64)
@@ -84,14 +87,15 @@ def test_full_rank_reproduces_every_layer(calibrated):
             torch.testing.assert_close(a @ b, w, rtol=0, atol=1e-8 * max(1.0, float(w.abs().max())))
 
 
-def test_id_with_every_neuron_reproduces_every_mlp(calibrated):
+def test_id_methods_with_every_neuron_reproduce_every_mlp(calibrated):
     model, stats, decs = calibrated
     for mlp in find_mlps(model):
-        dec = decs["id"][mlp.name]
-        kept, down = dec.select(dec.max_rank, F64)
-        assert torch.equal(kept, torch.arange(mlp.width))
-        target = next(t for t in stats.targets if t.name == mlp.down)
-        torch.testing.assert_close(down, weight_matrix(model, target).detach().to(F64), rtol=0, atol=1e-10)
+        for method in ("id", "id-fd"):
+            dec = decs[method][mlp.name]
+            kept, down = dec.select(dec.max_rank, F64)
+            assert torch.equal(kept, torch.arange(mlp.width))
+            target = next(t for t in stats.targets if t.name == mlp.down)
+            torch.testing.assert_close(down, weight_matrix(model, target).detach().to(F64), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", METHODS)

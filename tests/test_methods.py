@@ -224,7 +224,7 @@ def test_bad_inputs():
             d.truncate(k)
     assert d.truncate(0)[0].shape == (8, 0)
     assert d.truncate(torch.tensor(3))[1].shape == (3, 12)
-    assert METHODS == ("svd", "fwsvd", "whiten", "whiten-fw", "whiten-fd", "id")
+    assert METHODS == ("svd", "fwsvd", "whiten", "whiten-fw", "whiten-fd", "id", "id-fd", "hybrid")
 
 
 # ---------------------------------------------------------------- id

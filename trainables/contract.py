@@ -32,7 +32,9 @@ class TrialConfig:
     task, calibration and finetune are the sweep file's sections with every default filled in
     (`sweeps.spec`); finetune holds `FinetuneConfig`'s keyword arguments plus `train` (which
     parameters train). options are the method's options that differ from its defaults.
-    group_ratios and granularity are set by an Optuna search (allocation "optuna")."""
+    group_ratios and granularity are set by an Optuna search (allocation "optuna"). refit holds
+    `compression.refit.refit`'s settings ({"dense": ..., "damp": ...}) when the trial refits its
+    compressed layers on the calibration batches (None: it does not)."""
 
     model: str
     task: dict
@@ -45,6 +47,7 @@ class TrialConfig:
     options: dict = field(default_factory=dict)
     group_ratios: dict | None = None
     granularity: str | None = None
+    refit: dict | None = None
     resources: dict = field(default_factory=lambda: {"cpu": 1.0, "gpu": 0.0})
     checkpoints: dict = field(default_factory=lambda: {"keep": 0})
 
@@ -134,6 +137,8 @@ class TrialRow:
     speedup_flops: float = math.nan      # dense / compressed FLOPs per token at latency_seq_len (compression.cost)
     checkpoint: str = ""                 # folder of the finetuned weights, relative to the sweep folder ("" = none)
     final_eval: str = "{}"               # JSON of the final_eval stage: {"task/metric": value, ...} (see sweeps.table)
+    refit: str = "{}"                    # JSON, the refit settings ({} = no refit stage)
+    seconds_refit: float = math.nan      # the refit stage (after compress, before evaluation); NaN without one
 
     @classmethod
     def columns(cls) -> dict[str, str]:
@@ -147,6 +152,7 @@ class TrialRow:
         return cls(trial_id=config.trial_id, method=config.method, ratio=float(config.ratio),
                    allocation=config.allocation, options=json.dumps(config.options, sort_keys=True),
                    group_ratios=json.dumps(config.group_ratios or {}, sort_keys=True),
+                   refit=json.dumps(config.refit or {}, sort_keys=True),
                    target_ratio=float(config.ratio), metric_name=config.metric_name, **values)
 
     @classmethod

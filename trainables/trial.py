@@ -3,8 +3,8 @@ evaluate, finetune, evaluate again, and `tune.report` after every evaluation.
 
 The trial receives its config (a `TrialConfig`, as a plain dict through Tune) and a `Shared`
 bundle of Ray object refs that the launcher put once: the calibration statistics, each method's
-config and ratio-independent decompositions, the token windows / labelled examples, and
-(classification) the task-finetuned dense weights. Nothing here parses a sweep file or
+config and ratio-independent decompositions, the token windows / labelled examples (and the
+calibration batches when a trial refits), and (classification) the task-finetuned dense weights. Nothing here parses a sweep file or
 recomputes what is shared.
 
 Every report carries the full row of the results table (`trainables.contract.TrialRow`). Failures:
@@ -48,6 +48,7 @@ from torch import nn
 from compression.apply import compress, plan_ranks
 from compression.cost import shape_key
 from compression.errors import UserInputError
+from compression.refit import refit, row_scales
 from trainables.contract import TrialConfig, TrialRow
 from trainables.evaluation import evaluate
 from trainables.finetune import FinetuneConfig, finetune
@@ -63,8 +64,9 @@ class Shared:
     methods: method key -> its MethodConfig (a trial plans and compresses with it);
     decompositions: method key -> object ref of its decompositions; decomposition_errors: method
     key -> why its decompositions could not be computed (its trials fail with that message).
-    data: {"eval": ..., "train": ...} (token windows [N, T] or (text, label) lists) and
-    "num_labels" (classification). dense_state: weights of the task-finetuned dense classifier,
+    data: {"eval": ..., "train": ...} (token windows [N, T] or (text, label) lists), "num_labels"
+    (classification) and, when a trial refits, "calibration" (the batches). dense_state: weights of
+    the task-finetuned dense classifier,
     None when the trials start from the model as loaded.
     """
 
@@ -135,6 +137,18 @@ def _report(row: TrialRow, stage: str, step: int = 0, checkpoint=None, **updates
     tune.report(row.to_dict() | {"stage": stage, "step": step}, checkpoint=checkpoint)
 
 
+def _refit(model: nn.Module, dense: nn.Module, batches, stats, decompositions, settings: dict,
+           device: torch.device) -> float:
+    """The refit stage (`compression.refit`) on the trial's device; its seconds."""
+    try:
+        dense.to(device)
+        report = refit(model, dense, batches, stats.targets, row_scales(decompositions),
+                       dense_layers=settings["dense"], damp=settings["damp"])
+    finally:
+        dense.to("cpu")  # the worker's cached dense model stays on the CPU
+    return report.seconds
+
+
 def _save_trained(model: nn.Module, folder: str) -> None:
     """The parameters finetuning changed (those that require grad; tied ones once), as safetensors."""
     from safetensors.torch import save_file
@@ -187,8 +201,8 @@ def _release_memory() -> None:
 
 
 def _run(config: TrialConfig, shared: Shared, row: TrialRow) -> None:
-    """The stages of a trial: plan and compress, evaluate, finetune, evaluate. (Latency is measured
-    after the trials, once per distinct shape: `sweeps/latency.py`.)"""
+    """The stages of a trial: plan and compress, refit (optional), evaluate, finetune, evaluate.
+    (Latency is measured after the trials, once per distinct shape: `sweeps/latency.py`.)"""
     task = config.task
     torch.set_num_threads(max(1, int(config.resources.get("cpu", 1))))
     torch.manual_seed(config.seed)
@@ -223,6 +237,9 @@ def _run(config: TrialConfig, shared: Shared, row: TrialRow) -> None:
     row.seconds_compress = time.perf_counter() - start
     row.achieved_ratio, row.params_compressed, row.size_mb = plan.achieved_ratio, params, size_mb
     row.rank_plan = json.dumps(plan.to_dict(), sort_keys=True)
+    if config.refit is not None:
+        row.seconds_refit = _refit(model, loaded.model, data["calibration"], stats, decompositions, config.refit,
+                                   device)
     row.shape = shape_key(model)
     del stats, decompositions
     model.to(device)

@@ -8,6 +8,8 @@
 | `whiten-fw` | whiten_fw.py  | matrix     | gram, row_fisher         |
 | `whiten-fd` | whiten_fd.py  | matrix     | gram, neuron_fisher      |
 | `id`        | id.py         | mlp        | gram (of the down input) |
+| `id-fd`     | id_fd.py      | mlp        | gram, neuron_fisher (of the down layer) |
+| `hybrid`    | hybrid.py     | matrix or mlp (alternatives) | gram, neuron_fisher |
 
 A new method is one module: a frozen dataclass subclassing `MatrixMethod` or `MlpMethod` with
 `@register`, its options as fields, `name`, `needs` and `decompose`; import it once (in every
@@ -29,6 +31,8 @@ from compression.methods import whiten  # noqa: F401
 from compression.methods import whiten_fw  # noqa: F401
 from compression.methods import whiten_fd  # noqa: F401
 from compression.methods import id  # noqa: F401
+from compression.methods import id_fd  # noqa: F401
+from compression.methods import hybrid  # noqa: F401
 from compression.methods.base import (
     Factorization,
     LayerStats,
@@ -85,5 +89,5 @@ def decompose(
     """
     config = method_config(method, **options)
     if isinstance(config, MatrixMethod):
-        return config.decompose(weight, stats, whitening=whitening, store_dtype=store_dtype)
+        return config.in_form(config.decompose(weight, stats, whitening=whitening, store_dtype=store_dtype))
     return config.decompose(weight, stats, store_dtype=store_dtype)

@@ -7,6 +7,8 @@ validated and coerced in `__post_init__`), its class variables say what it is:
     needs       the `LayerStats` fields it reads ("gram", "neuron_fisher", ...)
     factorizes  what one of its units is: "matrix" (a linear layer, low-rank factors) or "mlp"
                 (a whole MLP, neuron selection)
+    allocations the allocations its units allow (None: all; `hybrid` needs "spectrum", the only
+                one that chooses between alternative forms of a unit)
 
 and its `decompose` turns one unit's weight and statistics into a `Factorization`: the
 ratio-independent decomposition of that unit, which the allocation reads (`allocation_unit`, with
@@ -132,6 +134,7 @@ class MethodConfig:
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
     factorizes: ClassVar[str]
+    allocations: ClassVar[tuple[str, ...] | None] = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # options of type float accept ints and are stored as floats
@@ -203,6 +206,12 @@ class MatrixMethod(MethodConfig):
     factorizes: ClassVar[str] = "matrix"
     whitens: ClassVar[bool] = False  # uses S with S S^T = G: shared by the layers of one input group
 
+    def in_form(self, factors: Factorization) -> Factorization:
+        """A decomposition of `decompose` in the form the method stores its matrices in: two factors
+        (this default), or, for a method with a `form` option, possibly an identity block
+        (`methods.identity_block.in_form`)."""
+        return factors
+
     def decompose(self, weight: Tensor, stats: LayerStats | None = None, unit: Target | None = None,
                   whitening: Whitening | None = None, store_dtype: torch.dtype = torch.float32) -> Factorization:
         """The decomposition of one weight [out, in] (float, on any device; results stay there).
@@ -234,8 +243,8 @@ class MatrixMethod(MethodConfig):
                 if key not in whitenings:
                     whitenings[key] = self.whitening(layer_stats.gram)
                 whitening = whitenings[key]
-            out[target.name] = self.decompose(weight, layer_stats, unit=target, whitening=whitening,
-                                              store_dtype=store_dtype)
+            out[target.name] = self.in_form(self.decompose(weight, layer_stats, unit=target, whitening=whitening,
+                                                           store_dtype=store_dtype))
         return out
 
 

@@ -72,6 +72,11 @@ class LowRankDecomposition:
         self._balance = sigma.clamp(min=top * 1e-8 if top > 0 else 1.0).sqrt()
 
     @property
+    def row_scale(self) -> Tensor | None:
+        """The row scale L of the weighted problem ([m] float64; None: L = I)."""
+        return None if self._row_inv is None else self._row_inv.reciprocal()
+
+    @property
     def cost_per_rank(self) -> int:
         """Parameters one rank costs: a column of A and a row of B."""
         return self.out_features + self.in_features

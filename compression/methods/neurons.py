@@ -18,6 +18,14 @@ tr(W_d (G - G[:, J] G[J, J]^-1 G[J, :]) W_d^T) = sum_{j >= k} ||W_d l_j||^2 (l_j
 column j): `loss_curve` is this exact value, in the same units as `whiten` (squared output error
 of the down projection summed over calibration tokens).
 
+Weighted (`id-fd`): with a scale per intermediate neuron d [f] the pivots are those of the
+pivoted Cholesky of diag(d) G diag(d) (the neurons' residual activation energy weighted by how
+much each one's output matters); the factor of G in that order is the weighted one with its rows
+divided by d, so the interpolation is still the least-squares one (which no output weighting
+changes: it is optimal for every row of the down projection). With a row scale D [h] on the down
+projection's outputs the loss is sum_{j >= k} ||D W_d l_j||^2, times `loss_scale`. d = 1 and
+D = I give `id` exactly.
+
 Rank deficiency (fewer tokens than neurons, dead or collinear neurons): the factorisation stops
 when the largest residual diagonal falls below `rtol` times the largest diagonal of G; the
 remaining neurons are appended in order of their residual output energy d_i ||W_d[:, i]||^2,
@@ -66,7 +74,11 @@ def pivoted_cholesky(gram: Tensor, rtol: float = 1e-10) -> tuple[Tensor, Tensor,
 
 
 class NeuronDecomposition:
-    """Neuron order and interpolation data of one MLP; `select(k)` keeps k neurons."""
+    """Neuron order and interpolation data of one MLP; `select(k)` keeps k neurons.
+
+    pivot_scale: d [f], the weight of each neuron in the choice of pivots (None: 1);
+    row_scale, loss_scale: D [h] on the down projection's outputs and a factor, for the loss
+    (see the module docstring)."""
 
     def __init__(
         self,
@@ -76,14 +88,25 @@ class NeuronDecomposition:
         store_dtype: torch.dtype = torch.float32,
         method: str = "id",
         unit: MlpGroup | None = None,
+        pivot_scale: Tensor | None = None,
+        row_scale: Tensor | None = None,
+        loss_scale: float = 1.0,
     ) -> None:
         self.method = method
         self.unit = unit
         w = down_weight.to(torch.float64)
         self.out_features, self.max_rank = w.shape
-        pivots, factor, resid = pivoted_cholesky(gram.to(torch.float64), rtol)
+        gram = gram.to(torch.float64)
+        if pivot_scale is None:
+            pivots, factor, resid = pivoted_cholesky(gram, rtol)
+        else:
+            d = pivot_scale.to(torch.float64)
+            pivots, factor, resid = pivoted_cholesky(d[:, None] * gram * d[None, :], rtol)
+            factor, resid = factor / d[:, None], resid / d.square()
         self.rank = pivots.numel()  # numerical rank of G
-        w_sq = w.square().sum(0)  # ||W_d[:, i]||^2
+        if row_scale is not None:
+            w = row_scale.to(torch.float64)[:, None] * w  # the loss weights the outputs; the fold does not
+        w_sq = w.square().sum(0)  # ||D W_d[:, i]||^2
         rest = torch.ones(self.max_rank, dtype=torch.bool, device=w.device)
         rest[pivots] = False
         rest_idx = rest.nonzero().squeeze(1)
@@ -92,9 +115,9 @@ class NeuronDecomposition:
         tail = rest_idx[idx]
         self.order = torch.cat([pivots, tail])
         self._factor = factor[self.order].to(store_dtype)  # rows in pivot order, lower triangular
-        self._down = w[:, self.order].to(store_dtype)  # columns in pivot order
-        contrib = (w @ factor).square().sum(0)  # ||W_d l_j||^2, j < rank
-        per_step = torch.cat([contrib, energy])
+        self._down = down_weight.to(torch.float64)[:, self.order].to(store_dtype)  # columns in pivot order
+        contrib = (w @ factor).square().sum(0)  # ||D W_d l_j||^2, j < rank
+        per_step = torch.cat([contrib, energy]) * loss_scale
         self._loss = torch.cat(
             [torch.flip(torch.cumsum(torch.flip(per_step, [0]), 0), [0]), per_step.new_zeros(1)]
         )
@@ -153,6 +176,9 @@ def select_neurons(
     store_dtype: torch.dtype = torch.float32,
     method: str = "id",
     unit: MlpGroup | None = None,
+    pivot_scale: Tensor | None = None,
+    row_scale: Tensor | None = None,
+    loss_scale: float = 1.0,
 ) -> NeuronDecomposition:
     """The neuron selection of an MLP from the Gram of its down-projection input [f, f] and
     its down weight [h, f] (see module docstring)."""
@@ -160,4 +186,5 @@ def select_neurons(
         raise UserInputError(f"down weight must be 2-D [hidden, neurons], got shape {tuple(down_weight.shape)}")
     f = down_weight.shape[1]
     gram = as_float64(gram_down_input, "gram of the down-projection input", (f, f), down_weight.device)
-    return NeuronDecomposition(down_weight, 0.5 * (gram + gram.T), rtol, store_dtype, method=method, unit=unit)
+    return NeuronDecomposition(down_weight, 0.5 * (gram + gram.T), rtol, store_dtype, method=method, unit=unit,
+                               pivot_scale=pivot_scale, row_scale=row_scale, loss_scale=loss_scale)

@@ -1,0 +1,169 @@
+"""The one-shot quality frontier: today's best, each new ingredient alone, and all together.
+
+    python bench/frontier.py [--model smollm2|gemma3|tiny] [--ratios 0.2 0.4] [--configs ...] [--no-write]
+
+No finetuning. Calibration: `--calibration` x 256-token windows of `packaged:wiki` (the statistics
+are cached in `--stats-dir`, so a second run decomposes and evaluates only); perplexity on
+`--eval-windows` held-out 256-token windows of `packaged:lee`, as `bench/quality.py`. Configs:
+
+    baseline  whiten-fd / spectrum (the best before: BENCHMARKS "quality")
+    identity  + factors without rank wastage (form: identity)
+    refit     + propagated refitting
+    hybrid    + id-fd neuron pruning competing with factors (method hybrid)
+    all       all three
+
+Times: each config's decomposition (once per sweep: whiten-fd's, plus id-fd's for hybrid; the bench
+computes the two once and derives every config's from them), and per trial the plan + truncation
++ layer swap and the refit stage; "extra per trial" is what a trial spends beyond the baseline's.
+Writes the "frontier-<model>" section of BENCHMARKS.md (unless --no-write) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from benchfile import machine_line, write_section
+from compression.apply import compress, decompose_model, plan_ranks
+from compression.calibration import CalibrationStats, collect_stats
+from compression.methods.hybrid import Hybrid
+from compression.methods.id_fd import IdFd
+from compression.methods.identity_block import in_form
+from compression.methods.whiten_fd import WhitenFd
+from compression.refit import refit, row_scales
+from trainables.evaluation import perplexity
+from trainables.sources import draw_windows, load_model
+
+MODELS = {"smollm2": "packaged:smollm2-135m", "gemma3": "packaged:gemma3-270m",
+          "tiny": "tiny:llama"}  # tiny: a smoke run of the script (random weights, seconds)
+CALIBRATION, EVAL, SEQ_LEN = "packaged:wiki", "packaged:lee", 256
+REFIT = {"dense_layers": True, "damp": 0.0}
+CONFIGS = {
+    "baseline": ("whiten-fd / spectrum (the best before)", WhitenFd(), None),
+    "identity": ("+ identity-block factors (`form: identity`)", WhitenFd(form="identity"), None),
+    "refit": ("+ propagated refit (`refit: {dense: true}`)", WhitenFd(), REFIT),
+    "hybrid": ("+ id-fd pruning vs factors (`hybrid`)", Hybrid(), None),
+    "all": ("all three (`hybrid`, `form: identity`, refit)", Hybrid(form="identity"), REFIT),
+}
+
+
+def batches_of(windows: torch.Tensor, size: int) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(size)]
+
+
+def statistics_for(model, calibration: torch.Tensor, path: Path) -> tuple[CalibrationStats, float]:
+    """The calibration statistics from `path`, or collected (and saved there); their seconds."""
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        return CalibrationStats.from_tensors(load_file(str(path)), metadata), float("nan")
+    start = time.perf_counter()
+    stats = collect_stats(model, batches_of(calibration, 4), progress=False)
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors, metadata = stats.to_tensors()
+    save_file(tensors, str(path), metadata=metadata)
+    return stats, seconds
+
+
+def decompositions_of(method: WhitenFd | Hybrid, svds: dict, neurons: dict | None) -> dict:
+    """A config's decompositions from one `whiten-fd` and one `id-fd` decomposition of the model:
+    the form only changes how a rank is stored, and `hybrid` combines the two (so the bench
+    decomposes twice, not once per config)."""
+    matrices = {name: in_form(method.form, dec) for name, dec in svds.items()}
+    return method.combine(matrices, neurons) if isinstance(method, Hybrid) else matrices
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--calibration", type=int, default=32)
+    parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--stats-dir", type=Path, default=Path(tempfile.gettempdir()) / "lowrank-sweep-bench")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    source = MODELS[args.model]
+    loaded = load_model(source)
+    model, tok = loaded.model, loaded.tokenizer
+    calibration = draw_windows(CALIBRATION, tok, SEQ_LEN, {"calibration": args.calibration}, seed=0)["calibration"]
+    held_out = draw_windows(EVAL, tok, SEQ_LEN, {"eval": args.eval_windows}, seed=0)["eval"]
+    dense = perplexity(model, held_out, batch_size=8).value
+    stats_path = args.stats_dir / f"{args.model}-{CALIBRATION.split(':')[1]}-{args.calibration}x{SEQ_LEN}.safetensors"
+    stats, calibration_seconds = statistics_for(model, calibration, stats_path)
+    refit_batches = batches_of(calibration, 4)
+
+    start = time.perf_counter()
+    svds = decompose_model(model, stats, WhitenFd())
+    seconds = {"whiten-fd": time.perf_counter() - start}
+    neurons = None
+    if any(isinstance(CONFIGS[name][1], Hybrid) for name in args.configs):
+        start = time.perf_counter()
+        neurons = decompose_model(model, stats, IdFd())
+        seconds["id-fd"] = time.perf_counter() - start
+    rows, per_trial = {}, {}
+    for name in args.configs:
+        label, method, refit_settings = CONFIGS[name]
+        decs = decompositions_of(method, svds, neurons)
+        cells, compress_s, refit_s = [], [], []
+        for ratio in args.ratios:
+            start = time.perf_counter()
+            plan = plan_ranks(model, stats, method, ratio, "spectrum", decs)
+            small = compress(model, stats, method, plan, decs, inplace=False)
+            compress_s.append(time.perf_counter() - start)
+            if refit_settings is not None:
+                refit_s.append(refit(small, model, refit_batches, stats.targets, row_scales(decs),
+                                     **refit_settings).seconds)
+            ppl = perplexity(small, held_out, batch_size=8).value
+            pruned = sum(1 for u in plan.units.values() if u["role"] == "mlp")
+            cells.append(f"{ppl:.2f} ({ppl / dense:.2f}x)" + (f", {pruned} MLPs pruned" if pruned else ""))
+            print(f"{name} {ratio}: {ppl:.2f} (achieved {plan.achieved_ratio:.4f})", flush=True)
+            del small
+        per_trial[name] = [statistics.median(compress_s), statistics.median(refit_s) if refit_s else 0.0]
+        decompose = seconds["whiten-fd"] + (seconds["id-fd"] if isinstance(method, Hybrid) else 0.0)
+        rows[name] = (label, decompose, cells)
+
+    base = sum(per_trial.get("baseline", [0.0, 0.0]))
+    table = []
+    for name in args.configs:
+        label, decompose, cells = rows[name]
+        compress_s, refit_s = per_trial[name]
+        extra = compress_s + refit_s - base
+        table.append(f"| {label} | " + " | ".join(cells) + f" | {decompose:.0f} | {compress_s:.1f} | "
+                     f"{refit_s:.1f} | {extra:+.1f} |")
+    ratio_cols = " | ".join(f"ppl @ {r:g} removed (x dense)" for r in args.ratios)
+    calibrated = ("from the cache" if calibration_seconds != calibration_seconds
+                  else f"{calibration_seconds:.0f} s, one forward + backward pass")
+    body = "\n".join([
+        f"## The one-shot frontier: {source.split(':')[1]}, no finetuning (`bench/frontier.py --model {args.model}`)",
+        "",
+        machine_line(),
+        f"Calibration: {args.calibration} x {SEQ_LEN}-token windows of `{CALIBRATION}` ({calibrated}). "
+        f"Perplexity on {args.eval_windows} held-out {SEQ_LEN}-token windows of `{EVAL}` "
+        f"({held_out.numel():,} tokens), never calibrated or tuned on. Dense perplexity: **{dense:.2f}**. "
+        "Allocation `spectrum` everywhere; `ratio` = fraction of the targeted linear weights removed "
+        "(all q/k/v/o/gate/up/down, pruned MLPs included).",
+        "",
+        f"| configuration | {ratio_cols} | decomposition (s, once) | plan + compress per trial (s) | "
+        "refit per trial (s) | extra per trial vs baseline (s) |",
+        "|---|" + "---|" * len(args.ratios) + "---|---|---|---|",
+        *table,
+    ])
+    print(body)
+    if not args.no_write:
+        write_section(f"frontier-{args.model}", body)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    main()

@@ -1,0 +1,103 @@
+"""The frontier in sweep files and trials: the `refit` block of a grid block, methods that need one
+allocation, the frontier example, and a real tiny sweep whose refit trial exports to its metric."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import sweeps.runner as runner
+from compression.errors import UserInputError
+from compression.io import load_compressed
+from sweeps import prepare
+from sweeps.export import export_trial
+from sweeps.spec import load_spec, parse_spec
+from sweeps.trials import expand
+from test_sweep_e2e import corpus, env, ray_cluster, sweep  # noqa: F401 - the same fixtures
+from trainables.contract import TrialConfig
+from trainables.evaluation import evaluate
+
+pytestmark = pytest.mark.timeout(900)
+
+BASE = {
+    "name": "t",
+    "model": "tiny:llama",
+    "task": {"type": "causal-lm", "eval": "packaged:lee", "seq_len": 64, "eval_windows": 4},
+    "grid": {"method": ["whiten-fd"], "ratio": [0.2], "allocation": ["spectrum"]},
+}
+EXAMPLE = Path(__file__).resolve().parents[1] / "sweeps" / "examples" / "frontier.yaml"
+
+
+def with_grid(*blocks):
+    data = copy.deepcopy(BASE)
+    data["grid"] = list(blocks)
+    return data
+
+
+def test_refit_reaches_the_trial_and_leaves_other_ids_alone():
+    plain = {"method": ["whiten-fd"], "ratio": [0.2], "allocation": ["spectrum"]}
+    refitted = dict(plain, refit={"dense": True})
+    (before,) = expand(parse_spec(with_grid(plain)))
+    trials = expand(parse_spec(with_grid(plain, refitted)))
+    assert [t.refit for t in trials] == [None, {"dense": True, "damp": 0.0}]
+    assert trials[0].trial_id == before.trial_id  # a field added as None keeps every existing id
+    assert trials[1].trial_id != before.trial_id
+    assert "refit" not in before.identity()
+    assert TrialConfig.from_dict(trials[1].to_dict()) == trials[1]
+
+
+def test_refit_and_allocation_mistakes_name_their_field():
+    cases = [
+        (with_grid({"method": ["whiten-fd"], "ratio": [0.2], "refit": {"dens": True}}), "grid[0].refit.dens"),
+        (with_grid({"method": ["whiten-fd"], "ratio": [0.2], "refit": {"damp": -1}}), "grid[0].refit.damp"),
+        (with_grid({"method": ["hybrid"], "ratio": [0.2]}), "method 'hybrid' allows only spectrum, got uniform"),
+        (with_grid({"method": ["hybrid"], "ratio": [0.2], "allocation": ["spectrum", "type"]}), "got type"),
+        (with_grid({"method": ["whiten-fd"], "ratio": [0.2], "options": {"form": ["dense"]}}),
+         "option form must be one of factors, identity"),
+    ]
+    for data, message in cases:
+        with pytest.raises(UserInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            parse_spec(data)
+
+
+def test_the_frontier_example():
+    spec = load_spec(EXAMPLE)
+    trials = expand(spec)
+    assert [(t.method, t.ratio) for t in trials] == [("whiten-fd", 0.2), ("whiten-fd", 0.4), ("hybrid", 0.2),
+                                                       ("hybrid", 0.4)]
+    assert all(t.allocation == "spectrum" and t.finetune["steps"] == 0 for t in trials)
+    assert trials[2].options == {"form": "identity"} and trials[2].refit == {"dense": True, "damp": 0.0}
+    assert spec.model == "packaged:smollm2-135m" and spec.calibration_settings()["samples"] == 32
+    assert spec.calibration_settings()["source"] == "packaged:wiki" and spec.task.eval == "packaged:lee"
+
+
+def test_a_refit_trial_reports_its_seconds_and_exports_to_its_metric(ray_cluster, corpus, env, tmp_path):  # noqa: F811
+    spec = sweep(corpus, env / "results", "frontier", finetune={"steps": 0}, grid=[
+        {"method": ["hybrid"], "ratio": [0.3], "allocation": ["spectrum"], "options": {"form": ["identity"]},
+         "refit": {"dense": True}},
+        {"method": ["whiten-fd"], "ratio": [0.3], "allocation": ["spectrum"]},
+    ])
+    out = runner.run_sweep(spec)
+    df = out.table
+    trials = df[df["method"] != "dense"].set_index("method")
+    assert set(trials["status"]) == {"ok"}
+    hybrid, plain = trials.loc["hybrid"], trials.loc["whiten-fd"]
+    assert hybrid["refit"] == {"dense": True, "damp": 0.0} and hybrid["seconds_refit"] > 0
+    assert plain["refit"] == {} and math.isnan(plain["seconds_refit"])
+    assert abs(hybrid["achieved_ratio"] - 0.3) <= 0.01
+    assert set(hybrid["rank_plan"]["extra"]["alternatives"].values()) <= {"prune", "factorise"}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trial ran
+    try:
+        path, _ = export_trial(out.directory, tmp_path / "h", trial=hybrid["trial_id"])
+        model, tokenizer, info = load_compressed(path)
+        windows = prepare.draw_text(spec, tokenizer)["eval"]
+        assert evaluate(model, "causal-lm", windows, batch_size=8).value == hybrid["metric"]
+    finally:
+        torch.set_num_threads(threads)
+    assert info["version"] == 2 and info["method"] == "hybrid"
