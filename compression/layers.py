@@ -2,6 +2,8 @@
 
 - `LowRankLinear`: the rank-k factorisation W' = A @ B of a linear layer as two smaller linears;
   `replace_low_rank` swaps it in for an `nn.Linear` or GPT-2 `Conv1D`.
+- `linear_parts`: the plain linear layers that compute a layer, compressed or not (what a
+  finetune adapts).
 - `prune_mlp`: keeps some intermediate neurons of an MLP; its layers stay plain dense layers of
   the model's own kind (`targets.dense_layer`), only narrower.
 """
@@ -76,6 +78,16 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.has_bias}")
+
+
+def linear_parts(model: nn.Module, name: str) -> list[str]:
+    """Names of the plain linear layers (`nn.Linear` / `Conv1D`) that compute layer `name`: the two
+    factors of a `LowRankLinear` (none at rank 0), else the layer itself."""
+    layer = get_module(model, name)
+    if isinstance(layer, LowRankLinear):
+        return [f"{name}.first", f"{name}.second"] if layer.rank else []
+    dense_shape(layer)  # a TypeError for anything that is not a linear layer
+    return [name]
 
 
 def _dense(model: nn.Module, name: str) -> nn.Module:

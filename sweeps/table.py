@@ -29,10 +29,10 @@ from trainables.contract import TrialRow
 COLUMNS: dict[str, str] = TrialRow.columns()  # column -> dtype, in file order
 # Columns a table written before they existed may lack (filled with missing values on reading).
 LATER_COLUMNS = ("latency_device", "latency_batch", "latency_seq_len", "latency_ms_dense", "latency_ms_compressed",
-                 "speedup", "checkpoint")
+                 "speedup", "checkpoint", "finetune", "params_trained", "finetune_curve")
 REQUIRED = tuple(c for c in COLUMNS if c not in LATER_COLUMNS)
 CATEGORIES = ("status", "method", "allocation", "metric_name")
-JSON_COLUMNS = ("options", "group_ratios", "rank_plan")
+JSON_COLUMNS = ("options", "group_ratios", "rank_plan", "finetune", "finetune_curve")
 
 
 def frame(rows: list[TrialRow | dict]) -> pd.DataFrame:
@@ -153,8 +153,9 @@ def load_results(directory: str | Path) -> pd.DataFrame:
 
 def typed(df: pd.DataFrame, where: str = "the results table") -> pd.DataFrame:
     """The table for analysis (idempotent; a copy): categories for status, method, allocation and
-    metric name; dicts for `options`, `group_ratios` and `rank_plan` (the JSON of
-    `compression.allocation.RankPlan.to_dict()`); nullable integers for counts."""
+    metric name; dicts for `options`, `group_ratios`, `rank_plan` (the JSON of
+    `compression.allocation.RankPlan.to_dict()`), `finetune` and `finetune_curve` (step -> metric,
+    the steps as strings); nullable integers for counts."""
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise UserInputError(f"{where} is partial or not a lowrank-sweep trials table: it lacks the "
