@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from compression.allocation import ALLOCATIONS
 from compression.errors import UserInputError
 from compression.methods import MethodConfig, method_config, registered
+from sweeps.recipes import (HealingSettings, TrainLayers, check_block, check_values, grid_sets, largest,
+                            stable_hash_body)
 from trainables.finetune import SCHEDULES
 from trainables import sources
 
@@ -117,12 +119,15 @@ class Calibration(Section):
 class GridBlock(Section):
     """One block of the grid: the product of its lists. `options` maps a method option (a field of
     the method's config, e.g. whiten-fd's `alpha`) to the values to try; every method of the
-    block must have each option."""
+    block must have each option. `finetune` maps finetune settings to values (`sweeps.recipes`)."""
 
     method: list[str] = Field(min_length=1)
     ratio: list[float] = Field(min_length=1)
     allocation: list[str] | None = Field(None, min_length=1, description="default: [uniform], or [optuna] in an Optuna sweep")
     options: dict[str, list[Any]] = Field(default_factory=dict)
+    finetune: dict[str, Any] = Field(default_factory=dict, description="finetune settings to try (lists)")
+
+    _finetune = field_validator("finetune")(lambda v: check_values(v))
 
     @field_validator("method")
     @classmethod
@@ -181,13 +186,15 @@ class GridBlock(Section):
         return list(configs.values())
 
     def combinations(self) -> list[dict]:
-        """{"method", "ratio", "allocation", "options"} of every grid point, in file order
-        (options: the method's non-default options, so equal configs are one point)."""
+        """{"method", "ratio", "allocation", "options", "finetune"} of every grid point, in file order
+        (options: the method's non-default options, so equal configs are one point; finetune: the
+        settings this point gives, over the sweep's `finetune` section)."""
         out = []
         for method, ratio, allocation in itertools.product(self.method, self.ratio, self.allocation or ["uniform"]):
             for options in self.option_sets():
                 config = method_config(method, **options)
-                out.append({"method": method, "ratio": ratio, "allocation": allocation, "options": config.options()})
+                out += [{"method": method, "ratio": ratio, "allocation": allocation, "options": config.options(),
+                         "finetune": finetune} for finetune in grid_sets(self.finetune)]
         return out
 
 
@@ -234,10 +241,10 @@ class EarlyStopping(Section):
     reduction_factor: float = Field(2.0, gt=1)
 
 
-class Finetune(TrainSettings):
+class Finetune(TrainSettings, HealingSettings):
     eval_every: int = Field(0, ge=0, description="steps between evaluations during finetuning; 0 = at the end only")
-    train: Literal["all", "compressed"] = Field(
-        "all", description="all parameters, or only those of the layers the method replaced")
+    train: TrainLayers = Field(
+        "all", description="all parameters, those of the layers the method replaced (compressed), or a list of roles")
     early_stopping: EarlyStopping | None = None
 
 
@@ -356,9 +363,11 @@ class SweepSpec(Section):
                 raise _at(("grid", "ratio"),
                           f"a single-objective Optuna study needs one budget, got {self.grid[0].ratio}; "
                           f"use objective [metric, size] to search several budgets")
-        if self.finetune.early_stopping is not None and not (self.finetune.steps and self.finetune.eval_every):
+        if self.finetune.early_stopping is not None and not (largest(self, "steps") and self.finetune.eval_every):
             raise _at(("finetune", "early_stopping"),
                       "needs finetune.steps > 0 and finetune.eval_every > 0 (ASHA stops on the finetuning curve)")
+        for i, block in enumerate(self.grid):
+            check_block(block.finetune, self.finetune, self.optuna is not None, f"grid[{i}].finetune")
         return self
 
     # -- derived views -------------------------------------------------------------------------
@@ -397,7 +406,7 @@ class SweepSpec(Section):
     def spec_hash(self) -> str:
         """Identity of the sweep: everything that changes results (not name, storage, resources,
         latency, checkpoints or limits)."""
-        body = self.model_dump(mode="json", exclude=set(NOT_RESULTS))
+        body = stable_hash_body(self.model_dump(mode="json", exclude=set(NOT_RESULTS)))
         return _hash(body)
 
 
