@@ -239,7 +239,7 @@ def _run(config: TrialConfig, shared: Shared, row: TrialRow) -> None:
 
     value = run_eval()
     _report(row, "compressed", metric=value, metric_compressed=value)
-    _heal(config, row, model, loaded, plan, data["train"], run_eval, device)
+    _heal(config, row, model, loaded, plan, data.get("train"), run_eval, device)  # no "train" without steps
 
 
 def _heal(config: TrialConfig, row: TrialRow, model: nn.Module, loaded: LoadedModel, plan, train_data,
