@@ -5,6 +5,8 @@
 - `IdentityBlockLinear`: the same W' with k of its rows (or columns) made an identity block,
   k (m + n - k) parameters, so every rank below min(m, n) saves parameters;
   `replace_low_rank` swaps either in for an `nn.Linear` or GPT-2 `Conv1D`.
+- `linear_parts`: the plain linear layers that compute a layer, compressed or not (what a
+  finetune adapts).
 - `prune_mlp`: keeps some intermediate neurons of an MLP; its layers stay plain dense layers of
   the model's own kind (`targets.dense_layer`), only narrower.
 """
@@ -210,6 +212,20 @@ def _identity_block(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
     l1, l2 = lower[:k], lower[k:]
     coef = torch.linalg.solve_triangular(l1, l2, upper=False, left=False, unitriangular=True)  # C L1 = L2
     return order, a[order[:k]] @ b, coef
+
+
+def linear_parts(model: nn.Module, name: str) -> list[str]:
+    """Names of the plain linear layers (`nn.Linear` / `Conv1D`) that compute layer `name`: the two
+    factors of a `LowRankLinear` or the two linears of an `IdentityBlockLinear` (none at rank 0),
+    else the layer itself."""
+    layer = get_module(model, name)
+    if isinstance(layer, LowRankLinear):
+        return [f"{name}.first", f"{name}.second"] if layer.rank else []
+    if isinstance(layer, IdentityBlockLinear):
+        return [f"{name}.{part}" for part in ("core", "coef")
+                if layer.rank and get_module(model, f"{name}.{part}").weight.numel()]
+    dense_shape(layer)  # a TypeError for anything that is not a linear layer
+    return [name]
 
 
 def _dense(model: nn.Module, name: str) -> nn.Module:

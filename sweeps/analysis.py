@@ -19,6 +19,7 @@ import pandas as pd
 
 from compression.errors import UserInputError
 from sweeps.table import typed
+from trainables.finetune import FinetuneConfig, recipe
 
 
 # -- what "best" means ----------------------------------------------------------------------------
@@ -129,11 +130,15 @@ def find_trial(df: pd.DataFrame, trial_id: str) -> pd.Series:
 def checkpoints_to_drop(df: pd.DataFrame, keep: int, also_keep: set[str] | None = None) -> list[str]:
     """Trial ids whose finetuned-weights checkpoint should go: all but the best `keep` finished trials
     of each target ratio (so `lrsweep export --best` with any ratio bound finds its weights when
-    keep >= 1) and those in `also_keep`."""
+    keep >= 1), the best `keep` of each ratio among the trials stopped early (which keep their best
+    evaluated weights), and those in `also_keep`."""
     has = df[df["checkpoint"].fillna("").astype(str) != ""]
     if has.empty:
         return []
-    kept = (set(best_per_ratio(df, keep)["trial_id"]) if keep > 0 else set()) | (also_keep or set())
+    kept = set(also_keep or set())
+    if keep > 0:
+        stopped = df[df["status"] == "stopped"].assign(status="ok")  # ranked among themselves
+        kept |= set(best_per_ratio(df, keep)["trial_id"]) | set(best_per_ratio(stopped, keep)["trial_id"])
     return [t for t in has["trial_id"] if t not in kept]
 
 
@@ -187,12 +192,14 @@ def dominated(df: pd.DataFrame, x: str = "size_mb", y: str = "metric", **kw) -> 
 
 def _settings_key(row) -> tuple:
     return (str(row["method"]), str(row["allocation"]), round(float(row["target_ratio"]), 6),
-            json.dumps(row["options"], sort_keys=True), json.dumps(row["group_ratios"], sort_keys=True))
+            json.dumps(row["options"], sort_keys=True), json.dumps(row["group_ratios"], sort_keys=True),
+            json.dumps(recipe(row["finetune"]), sort_keys=True))
 
 
 def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     """The trials of two experiments side by side: matched by trial id, then (for the rest) by method,
-    allocation, target ratio, options and group ratios; unmatched trials of either side last.
+    allocation, target ratio, options, group ratios and healing recipe; unmatched trials of either
+    side last.
 
     Columns: trial_a, trial_b, matched ("trial id", "settings", "only in A", "only in B"), method,
     allocation, target_ratio, options, status_a/_b, metric_a/_b, diff (b - a), diff_pct (of a),
@@ -265,3 +272,47 @@ def best_of_each_method(df: pd.DataFrame) -> pd.DataFrame:
     tightest = ok.groupby("method", observed=True)["target_ratio"].transform("max")
     best = ranked(ok[ok["target_ratio"] == tightest]).groupby("method", observed=True).head(1)
     return best.sort_values("method", kind="stable")
+
+
+# -- healing ------------------------------------------------------------------------------------------
+
+# Finetune settings that name a recipe when they differ between trials (kind and loss always do).
+_RECIPE_SETTINGS = ("steps", "lr", "batch_size", "grad_accum", "schedule", "warmup_steps", "warmup_ratio",
+                    "weight_decay", "max_grad_norm", "lora_alpha", "lora_dropout", "lm_weight", "precision")
+
+
+def recipe_label(settings: dict, extra: tuple[str, ...] = ()) -> str:
+    """A trial's healing recipe in short: "full / lm", "lora r8 / distill T2", and what it trains
+    when not everything, plus the `extra` settings (e.g. those that differ between trials)."""
+    s = FinetuneConfig().to_dict() | dict(settings)
+    kind = f"lora r{s['lora_rank']}" if s["kind"] == "lora" else "full"
+    loss = f"distill T{s['temperature']:g}" + (f" + {s['lm_weight']:g} lm" if s["lm_weight"] else "") \
+        if s["loss"] == "distill" else "lm"
+    train = "" if s["train"] == "all" else f", {s['train'] if isinstance(s['train'], str) else '+'.join(s['train'])}"
+    return f"{kind} / {loss}{train}" + "".join(f", {k} {s[k]:g}" if isinstance(s[k], float) else f", {k} {s[k]}"
+                                               for k in extra)
+
+
+def healing(df: pd.DataFrame) -> pd.DataFrame:
+    """The trials that finetuned (finished or stopped early, with a finetuned metric), one row each:
+    trial_id, status, method, allocation, target_ratio, recipe (`recipe_label`, with the settings
+    that differ between them), params_trained, finetune_steps, seconds_finetune, the metric
+    compressed / finetuned / dense, curve ({step: metric}), gap_closed (the share of the gap between
+    compressed and dense that finetuning closed) and recovery_per_minute: the metric's improvement
+    per minute of finetuning, (compressed - finetuned) / minutes for perplexity, (finetuned -
+    compressed) / minutes for accuracy (a fraction: x 100 for percentage points)."""
+    rows = df[df["status"].isin(["ok", "stopped"]) & (df["method"] != "dense") & df["metric_finetuned"].notna()]
+    if rows.empty:
+        return pd.DataFrame()
+    settings = [FinetuneConfig().to_dict() | dict(r) for r in rows["finetune"]]
+    varying = tuple(k for k in _RECIPE_SETTINGS if len({json.dumps(s[k]) for s in settings}) > 1)
+    sign = 1.0 if higher_is_better(metric_name(df)) else -1.0
+    improvement = sign * (rows["metric_finetuned"] - rows["metric_compressed"])
+    out = rows[["trial_id", "status", "method", "allocation", "target_ratio", "params_trained", "finetune_steps",
+                "seconds_finetune", "metric_compressed", "metric_finetuned", "metric_dense", "finetune_curve"]].copy()
+    out["recipe"] = [recipe_label(s, varying) for s in settings]
+    out["gap_closed"] = (rows["metric_compressed"] - rows["metric_finetuned"]) / \
+        (rows["metric_compressed"] - rows["metric_dense"])
+    out["recovery_per_minute"] = improvement / (rows["seconds_finetune"] / 60)
+    return out.rename(columns={"finetune_curve": "curve"}).sort_values(
+        ["target_ratio", "method", "allocation", "recipe"], kind="stable").reset_index(drop=True)

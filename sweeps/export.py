@@ -6,9 +6,11 @@ classification, with the task-finetuned weights of the calibration cache), its d
 the cached calibration statistics named by the row's `calibration_key`, the compressed layers from
 the stored rank plan (`compression.compress`), refitted as the trial did when it had a refit stage
 (on the sweep's calibration batches, drawn again); then, for a finetuned trial, the parameters its
-checkpoint holds replace the rebuilt ones. The result goes through `compression.save_compressed`
-(layout "compact": the factors, for `load_compressed`) or `compression.save_dense` (layout "dense":
-multiplied back, for plain transformers and any harness), with a model card (`sweeps.model_card`).
+checkpoint holds replace the rebuilt ones: those of its best evaluation (LoRA adapters merged into
+the weights they adapt), also for a trial stopped early. The result goes through
+`compression.save_compressed` (layout "compact": the factors, for `load_compressed`) or
+`compression.save_dense` (layout "dense": multiplied back, for plain transformers and any
+harness), with a model card (`sweeps.model_card`).
 
 Statistics missing from the cache are computed again from the stored sweep (as `lrsweep calibrate`
 would, without evaluating the dense model) when the sweep's settings still give the same key.
@@ -130,12 +132,14 @@ def rebuild(directory: str, row: pd.Series, before_finetune: bool = False, devic
     spec = _spec(directory)
     trial = row["trial_id"]
     steps = 0 if pd.isna(row["finetune_steps"]) else int(row["finetune_steps"])
-    wants_finetuned = row["method"] != "dense" and not before_finetune and spec.finetune.steps > 0
-    if wants_finetuned and row["status"] == "stopped":
-        raise UserInputError(f"trial {trial} was stopped early during finetuning (ASHA), so its finetuned "
-                             f"weights were not saved; export it as compressed, before finetuning "
-                             f"(before_finetune; --before-finetune on the command line)")
-    if wants_finetuned and steps > 0 and not str(row["checkpoint"]):
+    stopped = row["status"] == "stopped"
+    wants_finetuned = row["method"] != "dense" and not before_finetune and (steps > 0 or stopped)
+    if wants_finetuned and stopped and not str(row["checkpoint"]):
+        raise UserInputError(f"trial {trial} was stopped early (ASHA or a time limit) and kept no finetuned "
+                             f"weights (it had not evaluated a finetuned model yet, or checkpoints.keep dropped "
+                             f"them); export it as compressed, before finetuning (before_finetune; "
+                             f"--before-finetune on the command line)")
+    if wants_finetuned and not str(row["checkpoint"]):
         name = row["metric_name"]
         raise UserInputError(
             f"trial {trial} was finetuned ({steps} steps) but its finetuned weights were not kept: a sweep keeps "
@@ -176,7 +180,7 @@ def rebuild(directory: str, row: pd.Series, before_finetune: bool = False, devic
                   dense_layers=row["refit"]["dense"], damp=row["refit"]["damp"])
             del dense
         del decompositions
-        if wants_finetuned and steps > 0:
+        if wants_finetuned:  # the best evaluated weights (LoRA adapters merged into them)
             trained = _finetuned_weights(directory, row)
             params = dict(model.named_parameters())
             bad = [k for k, v in trained.items() if k not in params or params[k].shape != v.shape]

@@ -16,7 +16,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatter
 
-from sweeps.analysis import finished, metric_name, pareto
+from sweeps.analysis import finished, healing, metric_name, pareto
 
 DPI = 100
 DENSE_STYLE = {"color": "0.35", "linestyle": "--", "linewidth": 1.2}
@@ -275,3 +275,43 @@ def optuna_pareto(study, metric: str) -> bytes | None:
     if len(study.directions) < 2 or not _finished_trials(study):
         return None
     return _optuna_png(lambda: plot_pareto_front(study, target_names=[metric, "size (MB)"]))
+
+
+def finetune_curves(df: pd.DataFrame) -> bytes | None:
+    """The metric against the finetune step (the evaluations every `eval_every` steps, step 0 =
+    before finetuning), one line per trial labelled by its healing recipe, one panel per target
+    ratio, the dense baseline dashed; trials stopped early end where they stopped."""
+    healed = healing(df)
+    healed = healed[[len(c) > 1 for c in healed["curve"]]] if not healed.empty else healed
+    if healed.empty:
+        return None
+    name = metric_name(df)
+    ratios = sorted(healed["target_ratio"].unique())
+    several = healed[["method", "allocation"]].drop_duplicates().shape[0] > 1
+    label = {i: (f"{r['method']} / {r['allocation']}: " if several else "") + str(r["recipe"])
+             for i, r in healed.iterrows()}
+    colours = _colours(sorted(set(label.values())))
+    fig, axes = _figure(5.0 * len(ratios) + 2.4, 4.2, len(ratios))
+    dense = _dense(df)
+    for axis, ratio in zip(axes, ratios):
+        for i, row in healed[healed["target_ratio"] == ratio].iterrows():
+            steps = sorted(row["curve"], key=int)
+            axis.plot([int(s) for s in steps], _shown(name, [row["curve"][s] for s in steps]), marker="o",
+                      markersize=3, color=colours[label[i]], linestyle="-" if row["status"] == "ok" else ":",
+                      label=label[i] + ("" if row["status"] == "ok" else " (stopped)"))
+        if dense is not None:
+            axis.axhline(_shown(name, [dense["metric"]])[0], label="dense baseline", **DENSE_STYLE)
+        axis.set_xlabel("finetune step")
+        axis.set_title(f"{name} while healing, {100 * ratio:.0f} % removed")
+        _metric_axis(axis, name)
+    handles, names = axes[0].get_legend_handles_labels()
+    for axis in axes[1:]:  # every recipe once, whichever panel it appears in
+        for handle, text in zip(*axis.get_legend_handles_labels()):
+            if text not in names:
+                handles.append(handle)
+                names.append(text)
+    fig.legend(handles, names, loc="center right", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()

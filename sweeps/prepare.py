@@ -22,11 +22,12 @@ from safetensors.torch import load_file, save_file
 
 from compression.calibration import CalibrationStats, collect_stats, estimate_stats_bytes
 from compression.errors import UserInputError
+from sweeps.recipes import largest
 from sweeps.spec import SweepSpec
 from sweeps.trials import method_configs
 from trainables.contract import TrialRow
 from trainables.evaluation import evaluate
-from trainables.finetune import FinetuneConfig, task_finetune_classifier
+from trainables.finetune import FINETUNE_FORMAT, FinetuneConfig, task_finetune_classifier
 from sweeps.storage import check_location, write_file
 from trainables.sources import LoadedModel, draw_windows, load_labelled, load_model, max_positions
 from trainables.sources.packaged import CACHE_ENV, cache_dir
@@ -62,7 +63,7 @@ def draw_text(spec: SweepSpec, tokenizer) -> dict[str, torch.Tensor]:
     task, cal = spec.task_settings(), spec.calibration_settings()
     wanted = {"eval": (task["eval"], task["eval_windows"], task["seq_len"]),
               "calibration": (cal["source"], cal["samples"], cal["seq_len"])}
-    if spec.finetune.steps > 0:
+    if largest(spec, "steps") > 0:
         wanted["train"] = (task["train"], task["train_windows"], task["seq_len"])
     by_source: dict[str, dict] = {}
     for split, (source, count, seq_len) in wanted.items():
@@ -148,6 +149,7 @@ def calibration_key(spec: SweepSpec, gradients: bool | None = None) -> str:
     if spec.task.type == "classification":
         body["task"] = {k: task[k] for k in ("type", "train", "text_column", "label_column", "max_length",
                                              "train_examples", "dense_finetune")}
+        body["finetune_format"] = FINETUNE_FORMAT  # the cache holds the task-finetuned dense weights
         body["files"].append(_stamp(task["train"]))
     blob = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

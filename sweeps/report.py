@@ -23,9 +23,11 @@ from sweeps.analysis import (
     best_per_ratio,
     factorised,
     finished,
+    healing,
     metric_name,
     pareto,
     slower_than_dense,
+    recipe_label,
 )
 from compression.errors import UserInputError
 from sweeps.storage import REPORT_FILE, SWEEP_FILE, check_location, read_file, write_file
@@ -39,6 +41,7 @@ PARETO = "pareto.png"
 OPTUNA_HISTORY = "optuna_history.png"
 OPTUNA_PARETO = "optuna_pareto.png"
 OPTUNA_IMPORTANCES = "optuna_importances.png"
+FINETUNE_CURVES = "finetune_curves.png"
 
 
 def ranks_file(method: str) -> str:
@@ -213,6 +216,38 @@ def _speed_section(df: pd.DataFrame, spec: dict | None) -> list[str]:
     return lines + ["", markdown(speed_table(df)), ""]
 
 
+def _healing_section(df: pd.DataFrame, figure: Callable[[str, Callable, str], list[str]]) -> list[str]:
+    """How much each healing recipe recovered, and per finetune minute."""
+    healed = healing(df)
+    if healed.empty:
+        return []
+    name = metric_name(df)
+    accuracy = name == "accuracy"
+    unit = "percentage points of accuracy" if accuracy else "perplexity"
+    lines = ["## Healing", "",
+             f"What finetuning after compression recovered, per recipe. Recovery per finetune minute = how much "
+             f"finetuning improved the {name} ({'finetuned - compressed' if accuracy else 'compressed - finetuned'}, "
+             f"in {unit}) / the minutes of finetuning (training only: evaluations excluded); gap closed = the share "
+             f"of the gap between the compressed and the dense {name} that finetuning closed. The finetuned {name} "
+             f"is that of the best evaluation, whose weights a trial keeps.", ""]
+    lines += figure(FINETUNE_CURVES, lambda: plots.finetune_curves(df), f"{name} against finetune step per recipe")
+    table = pd.DataFrame({
+        "trial": healed["trial_id"], "method": healed["method"], "allocation": healed["allocation"],
+        "target removed": [_pct(x) for x in healed["target_ratio"]], "recipe": healed["recipe"],
+        "params trained (M)": [_num(x / 1e6, 3) if pd.notna(x) else "-" for x in healed["params_trained"]],
+        "steps": [str(x) if pd.notna(x) else "-" for x in healed["finetune_steps"]],
+        "finetune (s)": [_num(x, 1) for x in healed["seconds_finetune"]],
+        f"{name} compressed": [_metric(name, x) for x in healed["metric_compressed"]],
+        f"{name} finetuned": [_metric(name, x) for x in healed["metric_finetuned"]],
+        "gap closed": [_pct(x) for x in healed["gap_closed"]],
+        f"recovery / finetune min ({'points' if accuracy else 'ppl'})":
+            [_num(100 * x if accuracy else x, 2) for x in healed["recovery_per_minute"]],
+    })
+    stopped = healed["status"] == "stopped"
+    table.loc[stopped, "trial"] = [f"{t} (stopped)" for t in table.loc[stopped, "trial"]]
+    return lines + [markdown(table), ""]
+
+
 # -- the header ---------------------------------------------------------------------------------------
 
 
@@ -253,7 +288,7 @@ def about(record: dict | None, df: pd.DataFrame) -> dict[str, str]:
     ft = spec.get("finetune") or {}
     if ft:
         out["finetune"] = (f"{ft.get('steps')} steps, lr {ft.get('lr'):g}, batch {ft.get('batch_size')} x "
-                           f"{ft.get('grad_accum', 1)}, trains {ft.get('train', 'all')}") if ft.get("steps") else "none"
+                           f"{ft.get('grad_accum', 1)}, {recipe_label(ft)}") if ft.get("steps") else "none"
     if record and record.get("spec_hash"):
         out["sweep hash"] = str(record["spec_hash"])[:16]
     return out
@@ -315,6 +350,7 @@ def render(df: pd.DataFrame, title: str, about_lines: dict[str, str], spec: dict
         front = pareto(points, "size_mb", "metric")
         if len(front):
             lines += ["Final metric:", "", markdown(display(front)), ""]
+    lines += _healing_section(df, figure)
     lines += _speed_section(df, spec)
     chosen = best_of_each_method(df)
     if not chosen.empty:

@@ -24,6 +24,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from compression.allocation import ALLOCATIONS
 from compression.errors import UserInputError
 from compression.methods import MethodConfig, method_config, registered
+from sweeps.recipes import (HealingSettings, TrainLayers, check_block, check_values, grid_sets, largest,
+                            stable_hash_body)
 from sweeps.section import PosInt, Section, check_source
 from sweeps.spec_outputs import FinalEval, Tracking
 from sweeps.storage import check_storage_string
@@ -115,13 +117,17 @@ class Refit(Section):
 class GridBlock(Section):
     """One block of the grid: the product of its lists. `options` maps a method option (a field of
     the method's config, e.g. whiten-fd's `alpha`) to the values to try; every method of the
-    block must have each option. `refit` switches the refit stage on for the block's trials."""
+    block must have each option. `refit` switches the refit stage on for the block's trials.
+    `finetune` maps finetune settings to values (`sweeps.recipes`)."""
 
     method: list[str] = Field(min_length=1)
     ratio: list[float] = Field(min_length=1)
     allocation: list[str] | None = Field(None, min_length=1, description="default: [uniform], or [optuna] in an Optuna sweep")
     options: dict[str, list[Any]] = Field(default_factory=dict)
     refit: Refit | None = None
+    finetune: dict[str, Any] = Field(default_factory=dict, description="finetune settings to try (lists)")
+
+    _finetune = field_validator("finetune")(lambda v: check_values(v))
 
     @field_validator("method")
     @classmethod
@@ -186,14 +192,16 @@ class GridBlock(Section):
         return list(configs.values())
 
     def combinations(self) -> list[dict]:
-        """{"method", "ratio", "allocation", "options"} of every grid point, in file order
-        (options: the method's non-default options, so equal configs are one point)."""
+        """{"method", "ratio", "allocation", "options", "finetune"} of every grid point, in file order
+        (options: the method's non-default options, so equal configs are one point; finetune: the
+        settings this point gives, over the sweep's `finetune` section)."""
         out = []
         for method, ratio, allocation in itertools.product(self.method, self.ratio, self.allocation or ["uniform"]):
             for options in self.option_sets():
                 config = method_config(method, **options)
-                out.append({"method": method, "ratio": ratio, "allocation": allocation, "options": config.options(),
-                            "refit": None if self.refit is None else self.refit.model_dump()})
+                out += [{"method": method, "ratio": ratio, "allocation": allocation, "options": config.options(),
+                         "refit": None if self.refit is None else self.refit.model_dump(), "finetune": finetune}
+                        for finetune in grid_sets(self.finetune)]
         return out
 
 
@@ -240,10 +248,10 @@ class EarlyStopping(Section):
     reduction_factor: float = Field(2.0, gt=1)
 
 
-class Finetune(TrainSettings):
+class Finetune(TrainSettings, HealingSettings):
     eval_every: int = Field(0, ge=0, description="steps between evaluations during finetuning; 0 = at the end only")
-    train: Literal["all", "compressed"] = Field(
-        "all", description="all parameters, or only those of the layers the method replaced")
+    train: TrainLayers = Field(
+        "all", description="all parameters, those of the layers the method replaced (compressed), or a list of roles")
     early_stopping: EarlyStopping | None = None
 
 
@@ -370,12 +378,14 @@ class SweepSpec(Section):
         if self.final_eval is not None and self.task.type != "causal-lm":
             raise _at(("final_eval",), "lm-eval tasks and perplexity need a causal-lm sweep; score exported "
                                        "classifiers with `lrsweep evaluate MODEL --labelled SOURCE`")
-        if self.final_eval is not None and self.finetune.steps and not self.checkpoints.keep:
+        if self.final_eval is not None and largest(self, "steps") and not self.checkpoints.keep:
             raise _at(("final_eval",), "evaluates the trials' finetuned weights, which checkpoints.keep: 0 "
                                        "deletes; keep at least 1")
-        if self.finetune.early_stopping is not None and not (self.finetune.steps and self.finetune.eval_every):
+        if self.finetune.early_stopping is not None and not (largest(self, "steps") and self.finetune.eval_every):
             raise _at(("finetune", "early_stopping"),
                       "needs finetune.steps > 0 and finetune.eval_every > 0 (ASHA stops on the finetuning curve)")
+        for i, block in enumerate(self.grid):
+            check_block(block.finetune, self.finetune, self.optuna is not None, f"grid[{i}].finetune")
         return self
 
     # -- derived views -------------------------------------------------------------------------
@@ -414,7 +424,7 @@ class SweepSpec(Section):
     def spec_hash(self) -> str:
         """Identity of the sweep: everything that changes results (not name, storage, resources,
         latency, checkpoints or limits)."""
-        body = self.model_dump(mode="json", exclude=set(NOT_RESULTS))
+        body = stable_hash_body(self.model_dump(mode="json", exclude=set(NOT_RESULTS)))
         return _hash(body)
 
 

@@ -30,10 +30,11 @@ COLUMNS: dict[str, str] = TrialRow.columns()  # column -> dtype, in file order
 # Columns a table written before they existed may lack (filled with missing values on reading).
 LATER_COLUMNS = ("shape", "latency_device", "latency_batch", "latency_seq_len", "latency_ms_dense",
                  "latency_ms_compressed", "latency_iqr_ms_dense", "latency_iqr_ms_compressed", "speedup",
-                 "speedup_flops", "checkpoint", "final_eval", "refit", "seconds_refit")
+                 "speedup_flops", "checkpoint", "final_eval", "refit", "seconds_refit", "finetune",
+                 "params_trained", "finetune_curve")
 REQUIRED = tuple(c for c in COLUMNS if c not in LATER_COLUMNS)
 CATEGORIES = ("status", "method", "allocation", "metric_name")
-JSON_COLUMNS = ("options", "group_ratios", "rank_plan", "final_eval", "refit")
+JSON_COLUMNS = ("options", "group_ratios", "rank_plan", "final_eval", "refit", "finetune", "finetune_curve")
 
 
 def frame(rows: list[TrialRow | dict]) -> pd.DataFrame:
@@ -164,9 +165,10 @@ def load_results(directory: str | Path) -> pd.DataFrame:
 def typed(df: pd.DataFrame, where: str = "the results table") -> pd.DataFrame:
     """The table for analysis (idempotent; a copy): categories for status, method, allocation and
     metric name; dicts for `options`, `group_ratios`, `refit`, `rank_plan` (the JSON of
-    `compression.allocation.RankPlan.to_dict()`) and `final_eval`; nullable integers for counts.
-    Every number of `final_eval` also gets a column of its own, after the fixed ones, named by its
-    key ("lrsweep_lee_cloze/acc", "lrsweep_lee_cloze/acc_stderr", "context_ppl/perplexity",
+    `compression.allocation.RankPlan.to_dict()`), `finetune`, `finetune_curve` (step -> metric, the
+    steps as strings) and `final_eval`; nullable integers for counts. Every number of
+    `final_eval` also gets a column of its own, after the fixed ones, named by its key
+    ("lrsweep_lee_cloze/acc", "lrsweep_lee_cloze/acc_stderr", "context_ppl/perplexity",
     "seconds/lm_eval", ...; NaN for rows without it)."""
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:

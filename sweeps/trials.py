@@ -44,7 +44,7 @@ def expand(spec: SweepSpec) -> list[TrialConfig]:
     trials: dict[str, TrialConfig] = {}
     for block in spec.grid:
         for combo in block.combinations():
-            config = TrialConfig(**base, **combo)
+            config = TrialConfig(**base | combo | {"finetune": base["finetune"] | combo["finetune"]})
             trials.setdefault(config.trial_id, config)
     return list(trials.values())
 

@@ -16,6 +16,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from compression.methods import method_config
 from sweeps.prepare import Prepared
+from sweeps.recipes import largest, suggest
 from sweeps.spec import SweepSpec
 from sweeps.storage import is_uri
 from sweeps.table import ResultsTable, checkpoint_path
@@ -43,12 +44,14 @@ def _trial_dirname(trial) -> str:
 class OptunaSpace:
     """Define-by-run space: the grid's multi-valued lists as categorical choices (a method's options
     only when the chosen method has them), then one ratio per group (block, role or matrix) in
-    `bounds`, rescaled to the budget by the allocation. Runs in the driver: the options it returns
-    are the chosen method's canonical ones (equal configs, equal trials)."""
+    `bounds`, rescaled to the budget by the allocation, then the grid block's finetune values
+    over the sweep's finetune settings `finetune` (`sweeps.recipes.suggest`). Runs in the driver:
+    the options it returns are the chosen method's canonical ones (equal configs, equal trials)."""
 
     def __init__(self, choices: dict[str, list], groups: dict[str, list[str]], bounds: tuple[float, float],
-                 granularity: str) -> None:
+                 granularity: str, finetune: dict | None = None, finetune_values: dict | None = None) -> None:
         self.choices, self.groups, self.bounds, self.granularity = choices, groups, bounds, granularity
+        self.finetune, self.finetune_values = finetune or {}, finetune_values or {}
 
     def __call__(self, trial) -> dict:
         def pick(name: str):
@@ -63,7 +66,8 @@ class OptunaSpace:
         for group in self.groups[method]:
             trial.suggest_float(f"group_ratios/{group}", lo, hi)
         return {"method": method, "ratio": ratio, "allocation": "optuna", "granularity": self.granularity,
-                "options": method_config(method, **options).options()}
+                "options": method_config(method, **options).options(),
+                "finetune": suggest(trial, self.finetune_values, self.finetune)}
 
 
 def optuna_groups(model, stats, method: str, granularity: str) -> list[str]:
@@ -143,8 +147,9 @@ def make_tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: s
     scheduler = None
     es = spec.finetune.early_stopping
     if es is not None:
+        steps = largest(spec, "steps")
         scheduler = ASHAScheduler(metric="metric", mode=spec.metric_mode, time_attr="training_iteration",
-                                  max_t=2 + spec.finetune.steps // spec.finetune.eval_every,
+                                  max_t=2 + steps // spec.finetune.eval_every,
                                   grace_period=es.grace_period, reduction_factor=es.reduction_factor)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no experiment banner from Tune
     _quiet_restore_advice()
@@ -168,7 +173,8 @@ def make_tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: s
         choices = optuna_choices(spec)
         groups = {m: optuna_groups(prepared.loaded.model, prepared.stats, m, spec.optuna.granularity)
                   for m in choices["method"]}
-        space = OptunaSpace(choices, groups, spec.optuna.bounds, spec.optuna.granularity)
+        space = OptunaSpace(choices, groups, spec.optuna.bounds, spec.optuna.granularity,
+                            finetune=base_config(spec)["finetune"], finetune_values=spec.grid[0].finetune)
         metric, mode = ("metric", spec.metric_mode) if not spec.optuna.multi else \
             (["metric", "size_mb"], [spec.metric_mode, "min"])
         search = _journal_search()(space, journal, metric=metric, mode=mode, sampler=_sampler(spec, journal.trials()))
@@ -183,9 +189,11 @@ def make_tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: s
         storage_path, name = str(Path(directory).parent), Path(directory).name
     limits = spec.limits
     callback = ResultsCallback(table, total)
+    # a trial checkpoints each evaluation that improves on its best: the latest checkpoint is its best
     run_config = tune.RunConfig(name=name, storage_path=storage_path, verbose=0, callbacks=[callback, *(callbacks or [])],
                                 stop={"time_total_s": limits.trial_seconds} if limits.trial_seconds else None,
-                                failure_config=tune.FailureConfig(max_failures=limits.retries))
+                                failure_config=tune.FailureConfig(max_failures=limits.retries),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     return tune.Tuner(fn, param_space=param_space, tune_config=tune_config, run_config=run_config), callback
 
 

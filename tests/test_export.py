@@ -14,6 +14,7 @@ import torch
 
 import sweeps.runner as runner
 from sweeps import prepare
+from compression.errors import UserInputError
 from compression.io import load_compressed
 from sweeps.analysis import best_per_ratio
 from sweeps.cli import main
@@ -30,6 +31,8 @@ GRID = [
     {"method": ["whiten-fd"], "ratio": [0.2, 0.4]},
     {"method": ["svd"], "ratio": [0.4]},
     {"method": ["svd"], "ratio": [0.99]},  # fails
+    # healed by LoRA adapters on the factors, distilled from the dense model (the best of its ratio)
+    {"method": ["whiten-fd"], "ratio": [0.3], "finetune": {"kind": ["lora"], "loss": ["distill"]}},
 ]
 FINETUNE = {"steps": 2, "batch_size": 2, "lr": 1e-3, "train": "compressed"}
 
@@ -103,9 +106,9 @@ def test_only_the_best_trial_of_each_ratio_keeps_its_finetuned_weights(causal):
     _, folder = causal
     df = load_results(folder)
     ok = df[(df["status"] == "ok") & (df["method"] != "dense")]
-    assert len(ok) == 3
+    assert len(ok) == 4
     kept = ok[ok["checkpoint"] != ""]
-    assert set(kept["trial_id"]) == set(best_per_ratio(df)["trial_id"]) and len(kept) == 2
+    assert set(kept["trial_id"]) == set(best_per_ratio(df)["trial_id"]) and len(kept) == 3
     for row in kept.itertuples():
         weights = folder / row.checkpoint / CHECKPOINT_WEIGHTS
         assert weights.is_file()
@@ -207,14 +210,41 @@ def test_a_trial_whose_weights_were_not_kept_exports_before_finetuning(causal, t
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_a_lora_trial_exports_its_merged_weights(causal, tmp_path, capsys):
+    spec, folder = causal
+    df = load_results(folder)
+    row = df[df["finetune"].map(lambda f: f.get("kind") == "lora")].iloc[0]
+    assert row["status"] == "ok" and row["checkpoint"] and 0 < row["params_trained"] < row["params_compressed"] / 10
+    from safetensors.torch import load_file
+
+    names = set(load_file(folder / row["checkpoint"] / CHECKPOINT_WEIGHTS))
+    assert names and all(n.endswith((".first.weight", ".second.weight")) for n in names)  # LoRA merged
+    code, stdout, err = cli(capsys, "export", folder, "--trial", row["trial_id"], "--out", tmp_path / "lora")
+    assert code == 0, err
+    model, tokenizer, info = load_compressed(tmp_path / "lora")
+    assert info["extra"]["finetuned"] is True
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    # the trial evaluated the adapters unmerged: the merged model gives its perplexity to rounding
+    assert perplexity(model, spec, tokenizer) == pytest.approx(row["metric"], rel=1e-5)
+    assert row["metric"] != pytest.approx(row["metric_compressed"], rel=1e-3)
+
+    # stopped early (ASHA, a time limit): its checkpoint holds its best evaluated weights, and export uses them
+    stopped = row.copy()
+    stopped["status"] = "stopped"
+    assert rebuild(str(folder), stopped).finetuned
+    stopped["checkpoint"] = ""
+    with pytest.raises(UserInputError, match="stopped early.*--before-finetune"):
+        rebuild(str(folder), stopped)
+
+
 def test_best_under_a_ratio_bound(causal, tmp_path, capsys):
     _, folder = causal
     df = load_results(folder)
     best = best_per_ratio(df).set_index("target_ratio")["trial_id"]
-    code, _, err = cli(capsys, "export", folder, "--best", "--max-ratio", 0.3, "--out", tmp_path / "small")
+    code, _, err = cli(capsys, "export", folder, "--best", "--max-ratio", 0.25, "--out", tmp_path / "small")
     assert code == 0, err
     assert json.loads((tmp_path / "small" / "lowrank.json").read_text())["extra"]["trial_id"] == best[0.2]
-    code, _, err = cli(capsys, "export", folder, "--best", "--min-ratio", 0.3, "--out", tmp_path / "large")
+    code, _, err = cli(capsys, "export", folder, "--best", "--min-ratio", 0.35, "--out", tmp_path / "large")
     assert code == 0, err
     assert json.loads((tmp_path / "large" / "lowrank.json").read_text())["extra"]["trial_id"] == best[0.4]
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compression.methods import method_key
+from trainables.finetune import identity_settings
 
 # TrialConfig fields that do not change a trial's results: left out of its id.
 NOT_IDENTITY = ("resources", "checkpoints")
@@ -30,11 +31,11 @@ class TrialConfig:
     """One trial, as the sweep resolved it.
 
     task, calibration and finetune are the sweep file's sections with every default filled in
-    (`sweeps.spec`); finetune holds `FinetuneConfig`'s keyword arguments plus `train` (which
-    parameters train). options are the method's options that differ from its defaults.
-    group_ratios and granularity are set by an Optuna search (allocation "optuna"). refit holds
-    `compression.refit.refit`'s settings ({"dense": ..., "damp": ...}) when the trial refits its
-    compressed layers on the calibration batches (None: it does not)."""
+    (`sweeps.spec`), finetune with a grid block's or Optuna's finetune values applied; finetune
+    holds `FinetuneConfig`'s keyword arguments. options are the method's options that differ from
+    its defaults. group_ratios and granularity are set by an Optuna search (allocation "optuna").
+    refit holds `compression.refit.refit`'s settings ({"dense": ..., "damp": ...}) when the trial
+    refits its compressed layers on the calibration batches (None: it does not)."""
 
     model: str
     task: dict
@@ -54,9 +55,11 @@ class TrialConfig:
     def identity(self) -> dict:
         """What changes the trial's results (and nothing else): the body of its id. Fields that are
         None (not set: an option this trial does not use) are left out, so a field added with
-        default None keeps every existing trial's id."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+        default None keeps every existing trial's id; so do finetune settings added later, at their
+        defaults (`trainables.finetune.identity_settings`)."""
+        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in NOT_IDENTITY and getattr(self, f.name) is not None}
+        return body | {"finetune": identity_settings(self.finetune)}
 
     @property
     def trial_id(self) -> str:
@@ -139,6 +142,9 @@ class TrialRow:
     final_eval: str = "{}"               # JSON of the final_eval stage: {"task/metric": value, ...} (see sweeps.table)
     refit: str = "{}"                    # JSON, the refit settings ({} = no refit stage)
     seconds_refit: float = math.nan      # the refit stage (after compress, before evaluation); NaN without one
+    finetune: str = "{}"                 # JSON, the trial's finetune settings (`FinetuneConfig` fields)
+    params_trained: int | None = None    # parameters the finetune trained (LoRA: the adapters')
+    finetune_curve: str = "{}"           # JSON, finetune step -> metric of every evaluation (0: before finetuning)
 
     @classmethod
     def columns(cls) -> dict[str, str]:
@@ -153,7 +159,8 @@ class TrialRow:
                    allocation=config.allocation, options=json.dumps(config.options, sort_keys=True),
                    group_ratios=json.dumps(config.group_ratios or {}, sort_keys=True),
                    refit=json.dumps(config.refit or {}, sort_keys=True),
-                   target_ratio=float(config.ratio), metric_name=config.metric_name, **values)
+                   target_ratio=float(config.ratio), metric_name=config.metric_name,
+                   finetune=json.dumps(config.finetune, sort_keys=True), **values)
 
     @classmethod
     def failed(cls, config: TrialConfig, message: str, last: dict | None = None) -> TrialRow:

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,8 @@ from compression.apply import compress, plan_ranks
 from compression.cost import shape_key
 from compression.errors import UserInputError
 from compression.refit import refit, row_scales
+from compression.targets import find_targets
+from trainables.adapters import Healing
 from trainables.contract import TrialConfig, TrialRow
 from trainables.evaluation import evaluate
 from trainables.finetune import FinetuneConfig, finetune
@@ -120,16 +123,6 @@ def model_size(model: nn.Module) -> tuple[int, float]:
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params) / 1e6
 
 
-def _set_trainable(model: nn.Module, which: str, plan_units: list[str]) -> None:
-    """Train all parameters, or only those of the modules the plan compressed."""
-    if which == "all":
-        model.requires_grad_(True)
-        return
-    model.requires_grad_(False)
-    for name in plan_units:
-        model.get_submodule(name).requires_grad_(True)
-
-
 def _report(row: TrialRow, stage: str, step: int = 0, checkpoint=None, **updates) -> None:
     """Update the row and report it to Tune (with the stage and step, which are not columns)."""
     for name, value in updates.items():
@@ -149,12 +142,12 @@ def _refit(model: nn.Module, dense: nn.Module, batches, stats, decompositions, s
     return report.seconds
 
 
-def _save_trained(model: nn.Module, folder: str) -> None:
-    """The parameters finetuning changed (those that require grad; tied ones once), as safetensors."""
+def _save_weights(weights: dict[str, torch.Tensor], folder: str) -> None:
+    """The weights finetuning changed (`Healing.weights`), as safetensors."""
     from safetensors.torch import save_file
 
-    trained = {n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trained, os.path.join(folder, CHECKPOINT_WEIGHTS), metadata={"format": "lowrank-sweep/finetuned"})
+    save_file({n: w.contiguous() for n, w in weights.items()}, os.path.join(folder, CHECKPOINT_WEIGHTS),
+              metadata={"format": "lowrank-sweep/finetuned"})
 
 
 def retryable(error: BaseException) -> bool:
@@ -217,9 +210,9 @@ def _run(config: TrialConfig, shared: Shared, row: TrialRow) -> None:
     method = shared.methods[config.method_key]
     decompositions = ray.get(shared.decompositions[config.method_key])
     loaded = _dense_model(_from_launch_dir(config.model), task["type"], data.get("num_labels"), config.seed)
+    if shared.dense_state is not None:  # the cached dense model becomes the task-finetuned classifier
+        loaded.model.load_state_dict(ray.get(shared.dense_state))
     model = copy.deepcopy(loaded.model)
-    if shared.dense_state is not None:
-        model.load_state_dict(ray.get(shared.dense_state))
 
     start = time.perf_counter()
     if config.allocation == "optuna":
@@ -254,28 +247,63 @@ def _run(config: TrialConfig, shared: Shared, row: TrialRow) -> None:
 
     value = run_eval()
     _report(row, "compressed", metric=value, metric_compressed=value)
+    _heal(config, row, model, loaded, plan, data.get("train"), run_eval, device)  # no "train" without steps
 
-    settings = dict(config.finetune)
-    which = settings.pop("train")
-    ft = FinetuneConfig(**settings)
+
+def _heal(config: TrialConfig, row: TrialRow, model: nn.Module, loaded: LoadedModel, plan, train_data,
+          run_eval: Callable[[], float], device: torch.device) -> None:
+    """The finetune stage: heal the compressed `model` (which layers train, and how: LoRA or full;
+    the loss: LM or distillation from the dense model, `loaded.model`), evaluating every
+    `eval_every` steps. The row's metric is that of the best evaluation so far, and with
+    `checkpoints.keep` each evaluation that improves on the best saves the weights (LoRA merged),
+    so a trial stopped early (ASHA, a time limit) keeps its best evaluated weights for export."""
+    ft = FinetuneConfig(**config.finetune)
     if ft.steps == 0:
         _report(row, "final", status="ok")
         return
-    _set_trainable(model, which, [name for name, k in plan.ranks.items() if k is not None])
-    last_eval: dict[int, float] = {}
+    healing = Healing.prepare(model, find_targets(loaded.model), plan, ft)
+    row.params_trained = healing.params_trained
+    curve = {0: row.metric_compressed}
+    better = (lambda a, b: a > b) if config.metric_name == "accuracy" else (lambda a, b: a < b)
+    keep = config.checkpoints.get("keep", 0) > 0
+    start, outside = time.perf_counter(), 0.0  # outside: seconds spent evaluating and saving
+
+    def evaluated(step: int, value: float, stage: str = "finetune", **final) -> None:
+        """Record the evaluation after `step` steps and report it (with the weights, if the best)."""
+        nonlocal outside
+        began = time.perf_counter()
+        curve[step] = value
+        improved = math.isnan(row.metric_finetuned) or better(value, row.metric_finetuned)
+        updates = {"finetune_steps": step, "finetune_curve": json.dumps(curve),
+                   "seconds_finetune": began - start - outside}
+        if improved:
+            updates |= {"metric": value, "metric_finetuned": value}
+        updates |= final
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if improved and keep:
+                _save_weights(healing.weights(), folder)
+                checkpoint = tune.Checkpoint.from_directory(folder)
+            _report(row, stage, step=step, checkpoint=checkpoint, **updates)
+        outside += time.perf_counter() - began
 
     def on_eval(step: int) -> None:
-        last_eval[step] = run_eval()
-        _report(row, "finetune", step=step, metric=last_eval[step])
+        nonlocal outside
+        began = time.perf_counter()
+        value = run_eval()
+        outside += time.perf_counter() - began
+        evaluated(step, value)
 
-    result = finetune(model, task["type"], data["train"], ft, tokenizer=loaded.tokenizer, on_eval=on_eval,
-                      device=device)  # result.seconds leaves out the evaluations in on_eval
-    value = last_eval[ft.steps] if ft.steps in last_eval else run_eval()
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if config.checkpoints.get("keep", 0) > 0:
-            _save_trained(model, folder)
-            checkpoint = tune.Checkpoint.from_directory(folder)
-        _report(row, "final", step=ft.steps, checkpoint=checkpoint, status="ok", metric=value,
-                metric_finetuned=value, finetune_steps=result.steps,
-                finetune_loss=result.losses[-1] if result.losses else math.nan, seconds_finetune=result.seconds)
+    teacher = loaded.model if ft.loss == "distill" else None
+    try:
+        result = finetune(model, config.task["type"], train_data, ft, tokenizer=loaded.tokenizer, on_eval=on_eval,
+                          device=device, teacher=teacher)
+    finally:
+        loaded.model.to("cpu")  # the worker's cached dense model stays on the CPU
+    healing.merge()
+    final = {"status": "ok", "seconds_finetune": result.seconds,
+             "finetune_loss": result.losses[-1] if result.losses else math.nan}
+    if ft.steps in curve:  # the last step was evaluated (and reported) in on_eval
+        _report(row, "final", step=ft.steps, **final)
+    else:
+        evaluated(ft.steps, run_eval(), "final", **final)
