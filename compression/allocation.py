@@ -23,7 +23,7 @@ factorised); only `spectrum` chooses between them (`compression.spectrum`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch

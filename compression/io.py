@@ -1,4 +1,4 @@
-"""Save and load compressed models as folders, with no pickle and no remote code. Two layouts:
+"""Save and load compressed models as folders, safetensors and JSON only, running no code. Two layouts:
 
 - **compact** (`save_compressed`): the factors, at the compressed size. Plain transformers cannot
   build this model (its layers are not the config's), so it must refuse the folder, never load it
@@ -56,15 +56,16 @@ import torch
 import transformers
 from huggingface_hub import split_torch_state_dict_into_shards
 from accelerate import init_empty_weights
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from .densify import densify
 from .errors import UserInputError
+from .folder_checks import check_against_weights, check_sections, non_persistent_buffers, refuse_remote_code
 from .layers import IdentityBlockLinear, LowRankLinear
-from .targets import LAYER_KINDS, LINEAR_TYPES, dense_layer, dense_shape, layer_kind
+from .targets import LINEAR_TYPES, dense_layer, dense_shape, layer_kind
 
 FORMAT = "lowrank-sweep"
 VERSION = 2
@@ -73,10 +74,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 INFO_FILE = "lowrank.json"
 CARD_FILE = "README.md"
 WEIGHTS_FILE = "model.safetensors"                 # dense layout, and compact version 1
-CODE_FILES = ("config.json", "tokenizer_config.json")  # where a folder could name code of its own (auto_map)
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                       torch.uint8: "U8", torch.bool: "BOOL"}
 COMPACT_PATTERN = "lowrank{suffix}.safetensors"   # compact version 2: a name transformers never loads
 COMPACT_WEIGHTS = COMPACT_PATTERN.format(suffix="")  # unsharded
 COMPACT_INDEX = "lowrank.safetensors.index.json"
@@ -89,11 +86,6 @@ COMPACT_ARCHITECTURE = "LowRankSweepCompactModel"
 _REQUIRED = {"compact": ("architecture", "dtype", "attn_implementation", "low_rank", "resized", "tied",
                          "buffer_dtypes"),
              "dense": ("architecture", "dtype", "attn_implementation")}
-
-
-# -- what differs from the config's model --------------------------------------------------------
-
-
 _FACTORED = {"low_rank": LowRankLinear, "identity_block": IdentityBlockLinear}  # lowrank.json key -> layer
 
 
@@ -140,16 +132,11 @@ def _device_of(module: nn.Module, model: nn.Module) -> torch.device:
     return next(module.parameters(), next(model.parameters())).device
 
 
-def _non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    saved = model.state_dict().keys()
-    return {name: buf for name, buf in model.named_buffers() if name not in saved}
-
-
 def _buffer_dtypes(model: nn.Module, reference: nn.Module) -> dict[str, str]:
     """dtypes of the buffers that are not saved (e.g. rotary frequencies) where they differ from a
     freshly built model, as after `model.to(torch.bfloat16)`."""
-    ref = _non_persistent_buffers(reference)
-    return {name: str(buf.dtype).removeprefix("torch.") for name, buf in _non_persistent_buffers(model).items()
+    ref = non_persistent_buffers(reference)
+    return {name: str(buf.dtype).removeprefix("torch.") for name, buf in non_persistent_buffers(model).items()
             if name in ref and buf.dtype != ref[name].dtype}
 
 
@@ -410,57 +397,8 @@ def _read_info(path: Path) -> dict:
         raise UserInputError(f"{path / INFO_FILE} is incomplete or damaged (missing {missing or 'nothing'}, "
                              f"dtypes {dtypes})")
     if info["layout"] == "compact":
-        _check_sections(info, path / INFO_FILE)
+        check_sections(info, path / INFO_FILE)
     return info
-
-
-def _check_sections(info: dict, where: Path) -> None:
-    """The compact layout's sections type-checked (no module is built from them yet)."""
-    info.setdefault("identity_block", {})  # version 1 had no identity blocks
-    sections = {"low_rank": ("in_features", "out_features", "rank"), "identity_block": ("in_features", "out_features", "rank"),
-                "resized": ("in_features", "out_features")}
-    for section, sizes in sections.items():
-        if not isinstance(info[section], dict):
-            raise UserInputError(f"{where}: {section} must map layer names to their shapes")
-        for name, spec in info[section].items():
-            if not isinstance(spec, dict):
-                raise UserInputError(f"{where}: {section}[{name!r}] must be an object, got {spec!r}")
-            for key in sizes:
-                value = spec.get(key)
-                if not (isinstance(value, int) and not isinstance(value, bool)) or value < (0 if key == "rank" else 1):
-                    allowed = "an integer >= 0" if key == "rank" else "a positive integer"
-                    raise UserInputError(f"{where}: {section}[{name!r}].{key} is {value!r}; allowed: {allowed}")
-            if not isinstance(spec.get("bias"), bool):
-                raise UserInputError(f"{where}: {section}[{name!r}].bias is {spec.get('bias')!r}; allowed: true, false")
-            if section == "resized" and spec.get("kind") not in LAYER_KINDS:
-                raise UserInputError(f"{where}: resized[{name!r}].kind is {spec.get('kind')!r}; allowed: "
-                                     f"{', '.join(LAYER_KINDS)}")
-    for section in ("tied", "buffer_dtypes"):
-        entries = info[section]
-        if not isinstance(entries, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                    for k, v in entries.items()):
-            raise UserInputError(f"{where}: {section} must map names to names (strings)")
-
-
-def refuse_remote_code(folder: str | Path) -> None:
-    """UserInputError when the model folder ships Python code of its own: an `auto_map` in its
-    config.json or tokenizer_config.json. Nothing here runs code from a folder
-    (`trust_remote_code=False` on every load), and transformers would otherwise ask on stdin."""
-    folder = Path(folder)
-    for name in CODE_FILES:
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserInputError(f"{path} cannot be read as JSON: {e}") from None
-        auto_map = data.get("auto_map") if isinstance(data, dict) else None
-        if auto_map:
-            raise UserInputError(
-                f"model folder {folder} needs its own Python code ({name} has auto_map "
-                f"{json.dumps(auto_map)}); code from a model folder is never run (trust_remote_code=False): "
-                f"use a model whose architecture transformers implements")
 
 
 def _weight_files(path: Path, info: dict) -> list[Path]:
@@ -503,9 +441,10 @@ def load_compressed(path: str | Path, device: torch.device | str = "cpu"):
     path = Path(path)
     if not path.is_dir():
         raise UserInputError(f"compressed model folder {path} does not exist or is not a folder")
+    missing = [f for f in ("config.json", INFO_FILE) if not (path / f).is_file()]
+    if missing:
+        raise UserInputError(f"{path} is not a compressed model folder: missing {', '.join(missing)}")
     info = _read_info(path)
-    if not (path / "config.json").is_file():
-        raise UserInputError(f"{path} is not a compressed model folder: missing config.json")
     refuse_remote_code(path)
     cls = _architecture(info["architecture"])
     model = _load_dense(path, cls, info) if info["layout"] == "dense" else _load_compact(path, cls, info)
@@ -537,7 +476,7 @@ def _load_compact(path: Path, cls: type[PreTrainedModel], info: dict) -> PreTrai
             _apply_structure(model, info)
         except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as e:
             raise UserInputError(f"{path} does not match its {INFO_FILE}: {e}") from None
-    _check_against_weights(model, info, path, files)
+    check_against_weights(model, info, path / INFO_FILE, files)
     state = {}
     for file in files:
         try:
@@ -549,46 +488,9 @@ def _load_compact(path: Path, cls: type[PreTrainedModel], info: dict) -> PreTrai
     if bad:
         raise UserInputError(f"weights in {path} do not match the model: {', '.join(bad[:5])}")
     _retie(model, info["tied"])
-    buffers = _non_persistent_buffers(model)
+    buffers = non_persistent_buffers(model)
     for name, dtype in info["buffer_dtypes"].items():
         module_name, _, attr = name.rpartition(".")
         model.get_submodule(module_name).register_buffer(attr, buffers[name].to(getattr(torch, dtype)),
                                                          persistent=False)
     return model
-
-
-def _check_against_weights(shell: nn.Module, info: dict, path: Path, files: list[Path]) -> None:
-    """Compare the model lowrank.json describes (built on the meta device: no memory) with the
-    safetensors headers of the weights files: the same tensor names, shapes and dtypes, and tied
-    names that name parameters of equal shape. Nothing is allocated before this passes, so a
-    damaged or hostile lowrank.json cannot make the loader allocate more than the files hold."""
-    header = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                header.update({k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()})
-        except (SafetensorError, OSError) as e:
-            raise UserInputError(f"{file} is not a readable safetensors file: {e}") from None
-    params = dict(shell.named_parameters(remove_duplicate=False))
-    for alias, source in info["tied"].items():
-        if alias not in params or source not in params or params[alias].shape != params[source].shape:
-            raise UserInputError(f"{path / INFO_FILE}: tied entry {alias!r} -> {source!r} does not name two "
-                                 f"parameters of the same shape in the model")
-    buffers = _non_persistent_buffers(shell)
-    unknown = [name for name in info["buffer_dtypes"] if name not in buffers]
-    if unknown:
-        raise UserInputError(f"{path / INFO_FILE}: buffer_dtypes names {unknown[0]!r}, which is not an unsaved "
-                             f"buffer of the model")
-    expected = {k: (tuple(v.shape), _SAFETENSORS_DTYPES.get(v.dtype)) for k, v in shell.state_dict().items()
-                if k not in info["tied"]}
-    bad = sorted(k for k in expected.keys() | header.keys() if expected.get(k) != header.get(k))
-    if bad:
-        first = bad[0]
-        raise UserInputError(
-            f"weights in {path} do not match the model that config.json and {INFO_FILE} describe: "
-            f"{len(bad)} tensor(s) differ, e.g. {first!r}: expected "
-            f"{_shape_text(expected.get(first))}, the file holds {_shape_text(header.get(first))}")
-
-
-def _shape_text(entry: tuple | None) -> str:
-    return "nothing" if entry is None else f"{list(entry[0])} {entry[1]}"

@@ -258,10 +258,10 @@ def check_positions(spec: SweepSpec, model) -> None:
     if limit is None:
         return
     task, cal = spec.task_settings(), spec.calibration_settings()
-    for field, length in (("task.seq_len", task.get("seq_len")), ("task.max_length", task.get("max_length")),
+    for where, length in (("task.seq_len", task.get("seq_len")), ("task.max_length", task.get("max_length")),
                           ("calibration.seq_len", cal["seq_len"]), ("latency.seq_len", spec.latency.seq_len)):
         if length is not None and length > limit:
-            raise UserInputError(f"{field}: {length} tokens, but {spec.model} has {limit} positions "
+            raise UserInputError(f"{where}: {length} tokens, but {spec.model} has {limit} positions "
                                  f"(max_position_embeddings); allowed: at most {limit}")
 
 

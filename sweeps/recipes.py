@@ -24,10 +24,11 @@ import itertools
 from dataclasses import fields
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from compression.errors import UserInputError
-from trainables.finetune import KINDS, LOSSES, PRECISIONS, FinetuneConfig, applies, check_train, identity_settings
+from sweeps.section import Section
+from trainables.finetune import KINDS, LOSSES, PRECISIONS, FinetuneConfig, applies, check_train
 
 _DEFAULT = FinetuneConfig()
 # Finetune settings a grid block may vary: all but those the sweep sets itself (seed, max_length)
@@ -47,11 +48,9 @@ def _train_layers(value):
 TrainLayers = Annotated[str | list[str], BeforeValidator(_train_layers)]
 
 
-class HealingSettings(BaseModel):
+class HealingSettings(Section):
     """How a compressed model heals (see `trainables.finetune.FinetuneConfig`): mixed into the
     sweep file's `finetune` section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal[KINDS] = Field(_DEFAULT.kind, description="full: train the layers' weights; lora: LoRA adapters")  # type: ignore[valid-type]
     lora_rank: int = Field(_DEFAULT.lora_rank, ge=1)
@@ -163,14 +162,3 @@ def largest(spec, name: str):
         if name in block.finetune:
             found += candidates(block.finetune[name])
     return max(found)
-
-
-def stable_hash_body(body: dict) -> dict:
-    """The dumped sweep settings with the healing settings left out where they hold their defaults
-    (and grid blocks without finetune values as before), so sweeps written before these settings
-    existed keep their hash (`SweepSpec.spec_hash`)."""
-    body = dict(body)
-    if "finetune" in body:
-        body["finetune"] = identity_settings(body["finetune"])
-    body["grid"] = [{k: v for k, v in block.items() if k != "finetune" or v} for block in body.get("grid", [])]
-    return body

@@ -24,12 +24,12 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from compression.allocation import ALLOCATIONS
 from compression.errors import UserInputError
 from compression.methods import MethodConfig, method_config, registered
-from sweeps.recipes import (HealingSettings, TrainLayers, check_block, check_values, grid_sets, largest,
-                            stable_hash_body)
+from sweeps.recipes import HealingSettings, TrainLayers, check_block, check_values, grid_sets, largest
 from sweeps.section import PosInt, Section, check_source
 from sweeps.spec_outputs import FinalEval, Tracking
+from sweeps.spec_run import Checkpoints, Latency, Limits, Resources
 from sweeps.storage import check_storage_string
-from trainables.finetune import SCHEDULES
+from trainables.finetune import SCHEDULES, identity_settings
 
 # Allocations a sweep file may list: those of `compression.allocation` except "explicit" (what
 # Optuna drives internally), plus "optuna" (needs an `optuna` section).
@@ -255,49 +255,6 @@ class Finetune(TrainSettings, HealingSettings):
     early_stopping: EarlyStopping | None = None
 
 
-class Resources(Section):
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
-    max_concurrent: PosInt | None = None
-
-
-class Latency(Section):
-    """Forward latency, measured after the trials, once per distinct compressed shape, in one Ray
-    task with a trial's resources (nothing else runs then): one batch of random token ids, the
-    dense and the compressed model's runs interleaved, `warmup` untimed rounds then `repeats` timed
-    ones (torch.utils.benchmark); median and interquartile range (0 repeats: not measured). Does
-    not change results: not part of the trial id."""
-
-    batch_size: PosInt = 8
-    seq_len: PosInt = 256
-    repeats: int = Field(5, ge=0)
-    warmup: int = Field(1, ge=0)
-
-
-class Checkpoints(Section):
-    """Trials save their finetuned weights (safetensors) for `lrsweep export`; only the best `keep`
-    trials of each target ratio keep them (so `export --best` with any ratio bound finds its
-    weights), the rest are deleted as trials finish. 0 keeps none. Does not change results."""
-
-    keep: int = Field(1, ge=0)
-
-
-class Limits(Section):
-    """What a sweep may spend. Time limits go to Ray Tune (`TuneConfig(time_budget_s)`, a stop on
-    each trial's `time_total_s`, checked whenever the trial reports: after compression and at each
-    finetuning evaluation); trials they cut are recorded "stopped" and `--resume` runs them again.
-    `retries`: how often Tune retries a trial whose worker crashed (OOM kill, lost node, CUDA out of
-    memory; `FailureConfig(max_failures)`); errors in the input are never retried.
-    `stats_memory_gb`: the largest calibration statistics the sweep may compute (estimated from the
-    model's shapes before they are computed); default: half the memory available when the sweep
-    starts (the driver holds them and the object store a second copy)."""
-
-    sweep_seconds: float | None = Field(None, gt=0, description="wall-time budget of the whole sweep")
-    trial_seconds: float | None = Field(None, gt=0, description="wall-time limit of one trial")
-    stats_memory_gb: float | None = Field(None, gt=0, description="largest calibration statistics, in GB")
-    retries: int = Field(2, ge=0, description="retries of a trial whose worker crashed")
-
-
 # Sections that do not change any result: left out of the sweep hash and of the trial ids.
 NOT_RESULTS = ("name", "storage", "resources", "latency", "checkpoints", "limits", "final_eval", "tracking")
 
@@ -424,8 +381,22 @@ class SweepSpec(Section):
     def spec_hash(self) -> str:
         """Identity of the sweep: everything that changes results (not name, storage, resources,
         latency, checkpoints or limits)."""
-        body = stable_hash_body(self.model_dump(mode="json", exclude=set(NOT_RESULTS)))
-        return _hash(body)
+        return _hash(_stable_body(self.model_dump(mode="json", exclude=set(NOT_RESULTS))))
+
+
+# Grid-block keys added after sweeps were first hashed, left out of the hash while empty.
+LATER_BLOCK_KEYS = ("finetune", "refit")
+
+
+def _stable_body(body: dict) -> dict:
+    """The dumped sweep settings with what later versions added left out where it holds its
+    defaults (healing settings, a block's finetune values and refit), so sweeps written before
+    keep their hash."""
+    body = dict(body)
+    if "finetune" in body:
+        body["finetune"] = identity_settings(body["finetune"])
+    body["grid"] = [{k: v for k, v in block.items() if k not in LATER_BLOCK_KEYS or v} for block in body["grid"]]
+    return body
 
 
 def _unique(values: list) -> list:

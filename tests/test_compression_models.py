@@ -145,7 +145,8 @@ def test_rank_deficient_gram_gives_finite_factors():
     model = tiny_model("llama")
     batch = {"input_ids": torch.arange(1, 7)[None], "attention_mask": torch.ones(1, 6, dtype=torch.long)}
     stats = collect_stats(model, [batch], progress=False)
-    assert all(torch.linalg.matrix_rank(g) <= 6 for g in stats.grams.values())
+    # each batch's Gram is a float32 product: its rank to float32 precision
+    assert all(torch.linalg.matrix_rank(g, rtol=1e-5) <= 6 for g in stats.grams.values())
     for method in METHODS:
         decs = decompose_model(model, stats, method, store_dtype=F64)
         plan = plan_ranks(model, stats, method, 0.4, "uniform", decs)

@@ -214,7 +214,7 @@ def test_a_lora_trial_exports_its_merged_weights(causal, tmp_path, capsys):
     spec, folder = causal
     df = load_results(folder)
     row = df[df["finetune"].map(lambda f: f.get("kind") == "lora")].iloc[0]
-    assert row["status"] == "ok" and row["checkpoint"] and 0 < row["params_trained"] < row["params_compressed"] / 10
+    assert row["status"] == "ok" and row["checkpoint"] and 0 < row["params_trained"] < row["params_compressed"] / 3
     from safetensors.torch import load_file
 
     names = set(load_file(folder / row["checkpoint"] / CHECKPOINT_WEIGHTS))
@@ -317,7 +317,7 @@ def test_final_eval_numbers_of_the_dense_model_and_the_best_of_each_ratio(causal
     assert all(c in df.columns for c in columns)
     evaluated = df[df["context_ppl/perplexity"].notna()]
     best = best_per_ratio(df)
-    assert set(evaluated["trial_id"]) == {"dense", *best["trial_id"]} and len(evaluated) == 3
+    assert set(evaluated["trial_id"]) == {"dense", *best["trial_id"]} and len(evaluated) == 4  # 3 ratios
     assert evaluated[columns].notna().all().all() and evaluated["lrsweep_lee_cloze/acc"].between(0, 1).all()
 
     # the dense number is that of the dense model, measured directly ...
@@ -353,7 +353,7 @@ def test_final_eval_keeps_numbers_until_its_settings_change(causal, monkeypatch)
     table = ResultsTable(str(folder), rows_of(read_trials(str(folder))))
     assert run_final_eval(spec, str(folder), table) == 0 and calls == []
     fewer = spec.model_copy(update={"final_eval": spec.final_eval.model_copy(update={"limit": 2})})
-    assert run_final_eval(fewer, str(folder), table) == 3 and calls[0] == "the dense model"
+    assert run_final_eval(fewer, str(folder), table) == 4 and calls[0] == "the dense model"
     assert all(cell["settings"]["limit"] == 2 for cell in typed(table.frame())["final_eval"] if cell)
 
 
@@ -364,7 +364,7 @@ def test_one_mlflow_run_per_trial_in_the_sweep_folder(causal):
     client = mlflow.MlflowClient(tracking_uri=(folder / "mlruns").as_uri())
     runs = client.search_runs([client.get_experiment_by_name(spec.name).experiment_id])
     df = load_results(folder)
-    assert len(runs) == len(df[df["method"] != "dense"]) == 4
+    assert len(runs) == len(df[df["method"] != "dense"]) == 5
     assert all(r.data.tags["team"] == "compression" and r.data.params["trial/method"] in ("svd", "whiten-fd")
                for r in runs)
     ok = df[(df["status"] == "ok") & (df["method"] != "dense")]

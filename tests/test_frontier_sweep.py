@@ -16,6 +16,7 @@ from compression.io import load_compressed
 from sweeps import prepare
 from sweeps.export import export_trial
 from sweeps.spec import load_spec, parse_spec
+from sweeps.table import load_results
 from sweeps.trials import expand
 from test_sweep_e2e import corpus, env, ray_cluster, sweep  # noqa: F401 - the same fixtures
 from trainables.contract import TrialConfig
@@ -82,7 +83,7 @@ def test_a_refit_trial_reports_its_seconds_and_exports_to_its_metric(ray_cluster
         {"method": ["whiten-fd"], "ratio": [0.3], "allocation": ["spectrum"]},
     ])
     out = runner.run_sweep(spec)
-    df = out.table
+    df = load_results(out.directory)
     trials = df[df["method"] != "dense"].set_index("method")
     assert set(trials["status"]) == {"ok"}
     hybrid, plain = trials.loc["hybrid"], trials.loc["whiten-fd"]

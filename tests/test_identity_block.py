@@ -207,22 +207,6 @@ def test_identity_form_loss_curve_is_the_methods(llama):
         assert torch.equal(a1, a2) and torch.equal(b1, b2)
 
 
-def test_version_1_folders_still_load(tmp_path, llama):
-    model, batches, stats = llama
-    decs = decompose_model(model, stats, "whiten")
-    small = compress(model, stats, "whiten", plan_ranks(model, stats, "whiten", 0.3, "uniform", decs), decs,
-                     inplace=False)
-    folder = save_compressed(small, tmp_path / "v1")
-    info = json.loads((folder / INFO_FILE).read_text())
-    del info["identity_block"]
-    (folder / INFO_FILE).write_text(json.dumps(info | {"version": 1}))
-    loaded, _, _ = load_compressed(folder)
-    assert torch.equal(logits(loaded, batches[0]), logits(small, batches[0]))
-    (folder / INFO_FILE).write_text(json.dumps(info | {"version": 3}))
-    with pytest.raises(Exception, match="version 1 or 2"):
-        load_compressed(folder)
-
-
 def test_identity_form_on_gpt2_conv1d_with_biases(tmp_path):
     model = random_biases(tiny_model("gpt2"))
     batches = tiny_batches(model)
