@@ -33,10 +33,11 @@ LATENCY_COLUMNS = ("latency_device", "latency_batch", "latency_seq_len", "latenc
                    "latency_iqr_ms_dense", "latency_iqr_ms_compressed", "speedup", "speedup_flops")
 
 
-def _latency_task(model_source: str, task: str, num_labels: int | None, seed: int, dense_state, stats,
-                  methods: dict, decompositions: dict, shapes: list[tuple[str, str, dict]], settings: dict,
-                  threads: int, use_gpu: bool) -> dict:
-    """Runs in a Ray worker: {shape: measured columns} for each (shape, method key, rank plan)."""
+def _measure_shapes(model_source: str, task: str, num_labels: int | None, seed: int, dense_state, stats,
+                    methods: dict, decompositions: dict, shapes: list[tuple[str, str, dict]], settings: dict,
+                    threads: int, use_gpu: bool) -> dict:
+    """{shape: measured columns} for each (shape, method key, rank plan): in a Ray worker with a
+    trial's resources, or in the driver of a sweep on one machine (nothing else runs then)."""
     import torch
 
     from compression.allocation import RankPlan
@@ -45,35 +46,41 @@ def _latency_task(model_source: str, task: str, num_labels: int | None, seed: in
     from trainables.latency import device_label, measure, random_inputs
     from trainables.sources import load_model
 
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    loaded = load_model(model_source, task=task, num_labels=num_labels, seed=seed)
-    if dense_state is not None:
-        loaded.model.load_state_dict(dense_state)
-    cpu_model = loaded.model
-    dense = copy.deepcopy(cpu_model).to(device)
-    ids = random_inputs(dense, settings["batch_size"], settings["seq_len"])
-    dense_flops = flops_per_token(dense, settings["seq_len"])
-    out, held = {}, (None, None)  # the decompositions of one method at a time
-    for shape, key, plan in sorted(shapes, key=lambda s: s[1]):
-        if held[0] != key:
-            held = (key, ray.get(decompositions[key]))
-        model = compress(copy.deepcopy(cpu_model), stats, methods[key], RankPlan.from_dict(plan), held[1]).to(device)
-        dense_latency, latency = measure([dense, model], ids, repeats=settings["repeats"],
-                                         warmup=settings["warmup"], threads=threads)
-        out[shape] = {"latency_device": device_label(device, threads), "latency_batch": settings["batch_size"],
-                      "latency_seq_len": settings["seq_len"], "latency_ms_dense": dense_latency.median_ms,
-                      "latency_ms_compressed": latency.median_ms, "latency_iqr_ms_dense": dense_latency.iqr_ms,
-                      "latency_iqr_ms_compressed": latency.iqr_ms,
-                      "speedup": dense_latency.median_ms / latency.median_ms,
-                      "speedup_flops": dense_flops / flops_per_token(model, settings["seq_len"])}
-        del model
-    return out
+    try:
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        loaded = load_model(model_source, task=task, num_labels=num_labels, seed=seed)
+        if dense_state is not None:
+            loaded.model.load_state_dict(dense_state)
+        cpu_model = loaded.model
+        dense = copy.deepcopy(cpu_model).to(device)
+        ids = random_inputs(dense, settings["batch_size"], settings["seq_len"])
+        dense_flops = flops_per_token(dense, settings["seq_len"])
+        out, held = {}, (None, None)  # the decompositions of one method at a time
+        for shape, key, plan in sorted(shapes, key=lambda s: s[1]):
+            if held[0] != key:
+                held = (key, ray.get(decompositions[key]))
+            model = compress(copy.deepcopy(cpu_model), stats, methods[key], RankPlan.from_dict(plan),
+                             held[1]).to(device)
+            dense_latency, latency = measure([dense, model], ids, repeats=settings["repeats"],
+                                             warmup=settings["warmup"], threads=threads)
+            out[shape] = {"latency_device": device_label(device, threads), "latency_batch": settings["batch_size"],
+                          "latency_seq_len": settings["seq_len"], "latency_ms_dense": dense_latency.median_ms,
+                          "latency_ms_compressed": latency.median_ms, "latency_iqr_ms_dense": dense_latency.iqr_ms,
+                          "latency_iqr_ms_compressed": latency.iqr_ms,
+                          "speedup": dense_latency.median_ms / latency.median_ms,
+                          "speedup_flops": dense_flops / flops_per_token(model, settings["seq_len"])}
+            del model
+        return out
+    finally:
+        torch.set_num_threads(before)
 
 
-def measure_latency(spec: SweepSpec, shared: Shared, table: ResultsTable) -> int:
+def measure_latency(spec: SweepSpec, shared: Shared, table: ResultsTable, in_driver: bool = False) -> int:
     """Time every distinct shape of the finished trials (see the module docstring) and write the
-    latency columns of their rows. Rows that have them (kept by a resumed sweep) keep them, and a
+    latency columns of their rows: in this process when `in_driver` (a sweep on one machine), else
+    in a Ray task. Rows that have them (kept by a resumed sweep) keep them, and a
     shape one of them measured is not timed again. Returns how many shapes were timed. A failure
     is logged, not raised: the results stand without latency."""
     settings = spec.latency
@@ -91,17 +98,20 @@ def measure_latency(spec: SweepSpec, shared: Shared, table: ResultsTable) -> int
         table.update([dataclasses.replace(r, **known[r.shape]) for r in rows if r.shape in known])
         return 0
     res = spec.resources
-    task = ray.remote(num_cpus=res.cpu, num_gpus=res.gpu, max_retries=spec.limits.retries)(_latency_task)
     log.info(f"latency: {len(shapes)} distinct shape(s) of {len(rows)} finished trial(s), "
              f"{settings.batch_size} x {settings.seq_len} tokens, {settings.repeats} runs each")
-    try:
-        measured = ray.get(task.remote(
-            spec.model, spec.task.type, ray.get(shared.data).get("num_labels"), spec.seed, shared.dense_state,
-            shared.stats,
-            {key: shared.methods[key] for key, _ in shapes.values()},
+    args = (spec.model, spec.task.type, ray.get(shared.data).get("num_labels"), spec.seed, shared.dense_state,
+            shared.stats, {key: shared.methods[key] for key, _ in shapes.values()},
             {key: shared.decompositions[key] for key, _ in shapes.values()},
             [(shape, key, plan) for shape, (key, plan) in shapes.items()],
-            settings.model_dump(), max(1, int(res.cpu)), res.gpu > 0))
+            settings.model_dump(), max(1, int(res.cpu)), res.gpu > 0)
+    try:
+        if in_driver:
+            dense_state = None if shared.dense_state is None else ray.get(shared.dense_state)
+            measured = _measure_shapes(*args[:4], dense_state, ray.get(shared.stats), *args[6:])
+        else:
+            task = ray.remote(num_cpus=res.cpu, num_gpus=res.gpu, max_retries=spec.limits.retries)(_measure_shapes)
+            measured = ray.get(task.remote(*args))
     except Exception as e:  # noqa: BLE001 - the results stand without latency; say why
         log.warning(f"latency: not measured ({type(e).__name__}: {str(e).strip().splitlines()[-1]})")
         return 0

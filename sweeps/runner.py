@@ -182,7 +182,9 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
             log.info(f"resume: keeping {len(kept)} finished trial(s) from {directory}")
         if started_ray and not early_ray:
             _init_ray(address, local)
-        shared = put_shared(spec, prepared)
+        # one machine (the local Ray, or a notebook's): the decompositions and latency run here
+        here = address is None and not os.environ.get("RAY_ADDRESS") and sum(n["Alive"] for n in ray.nodes()) == 1
+        shared = put_shared(spec, prepared, in_driver=here)
         deadline = None
         if spec.limits.sweep_seconds is not None:  # what preparation left of the sweep's budget
             deadline = wall + spec.limits.sweep_seconds
@@ -193,7 +195,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
                     f"raise it and resume the sweep (the statistics are cached)")
         faults = run_trials(spec, prepared, shared, directory, table, deadline, journal=journal,
                             callbacks=callbacks)
-        measure_latency(spec, shared, table)
+        measure_latency(spec, shared, table, in_driver=here)
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()

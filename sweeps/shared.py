@@ -1,7 +1,8 @@
 """Into the Ray object store, once per sweep: the statistics, the data, the dense weights, and each
-method's ratio-independent decompositions. The decompositions of all methods run in one Ray task
-that takes every CPU of a node (nothing else runs while the trials wait for them) or the sweep's
-GPU, so the whitening methods whiten each input once between them. Everything reaches the workers
+method's ratio-independent decompositions. The decompositions of all methods run in one go that
+takes every CPU of a node (nothing else runs while the trials wait for them) or the sweep's GPU,
+so the whitening methods whiten each input once between them: in the driver for a sweep on this
+machine (no worker process to start, the model already loaded), else in one Ray task. Everything reaches the workers
 through the object store, never through a path on the head; all of it is owned by the driver and
 stored on its node, so a worker node can die mid-sweep without taking shared state with it.
 """
@@ -34,31 +35,48 @@ def trial_stats(stats: CalibrationStats) -> CalibrationStats:
                             dict(stats.meta))
 
 
-def _decompose_task(model_source: str, task: str, num_labels: int | None, seed: int, dense_state, stats,
-                    methods: list[MethodConfig], device: str, threads: int) -> list:
-    """Runs in a Ray worker: for each method, its decompositions (None when it failed) and its
-    seconds (or the error message), flat: [decs_1, seconds_1, decs_2, seconds_2, ...]."""
+def _decompose_all(model, stats, methods: list[MethodConfig], device: str, threads: int) -> list:
+    """For each method, its decompositions (None when it failed) and its seconds (or the error
+    message), flat: [decs_1, seconds_1, decs_2, seconds_2, ...]."""
     import torch
 
     from compression.apply import decompose_model
 
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    whitenings: dict = {}  # shared by the whitening methods: each input is whitened once
+    out = []
+    try:
+        for method in methods:
+            start = time.perf_counter()
+            try:
+                decs = decompose_model(model, stats, method, device=device if device != "cpu" else None,
+                                       whitenings=whitenings)
+            except Exception as e:  # noqa: BLE001 - its trials fail with this message and the sweep goes on
+                out += [None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"]
+                continue
+            # back on the CPU before they are shared: trials on CPU-only nodes read the same objects
+            out += [{name: d.to("cpu") for name, d in decs.items()}, time.perf_counter() - start]
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def _decompose_task(model_source: str, task: str, num_labels: int | None, seed: int, dense_state, stats,
+                    methods: list[MethodConfig], device: str, threads: int) -> list:
+    """Runs in a Ray worker (a cluster's node): `_decompose_all` on the model loaded there."""
     loaded = load_model(model_source, task=task, num_labels=num_labels, seed=seed)
     if dense_state is not None:
         loaded.model.load_state_dict(dense_state)
-    whitenings: dict = {}  # shared by the whitening methods: each input is whitened once
-    out = []
-    for method in methods:
-        start = time.perf_counter()
-        try:
-            decs = decompose_model(loaded.model, stats, method, device=device if device != "cpu" else None,
-                                   whitenings=whitenings)
-        except Exception as e:  # noqa: BLE001 - its trials fail with this message and the sweep goes on
-            out += [None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"]
-            continue
-        # back on the CPU before they are shared: trials on CPU-only nodes read the same objects
-        out += [{name: d.to("cpu") for name, d in decs.items()}, time.perf_counter() - start]
-    return out
+    return _decompose_all(loaded.model, stats, methods, device, threads)
+
+
+def _outcome(ref) -> float | str:
+    """A method's seconds, or why it failed (the error of a task that died past its retries)."""
+    try:
+        return ray.get(ref)
+    except Exception as e:  # noqa: BLE001 - every method of the task fails with it
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
 
 
 def _decomposition_cpus(spec: SweepSpec) -> int:
@@ -68,9 +86,11 @@ def _decomposition_cpus(spec: SweepSpec) -> int:
     return max(1, int(spec.resources.cpu), largest)
 
 
-def put_shared(spec: SweepSpec, prepared: Prepared) -> Shared:
-    """Put the statistics, data and dense weights in the object store once; run one decomposition
-    task per method config and wait for them all (trials must not wait holding their CPUs)."""
+def put_shared(spec: SweepSpec, prepared: Prepared, in_driver: bool = False) -> Shared:
+    """Put the statistics, data and dense weights in the object store once, and the decompositions
+    of every method config, computed before any trial starts (trials must not wait holding their
+    CPUs). `in_driver` (a sweep on this machine alone): computed here, on the model already loaded,
+    with every CPU (or the GPU) of the machine; else in one Ray task on the cluster."""
     stats_ref = ray.put(prepared.stats)
     data = {k: prepared.data[k] for k in ("eval", "train") if k in prepared.data}
     data["num_labels"] = prepared.data.get("num_labels")
@@ -82,29 +102,31 @@ def put_shared(spec: SweepSpec, prepared: Prepared) -> Shared:
     device = "cuda" if res.gpu > 0 else "cpu"
     cpus = _decomposition_cpus(spec) if res.gpu == 0 else max(1, int(res.cpu))
     methods = {m.key: m for m in method_configs(spec)}
-    # a crashed worker is retried (limits.retries); a Python exception is caught per method
-    task = ray.remote(num_cpus=cpus, num_gpus=res.gpu, num_returns=2 * len(methods),
-                      max_retries=spec.limits.retries)(_decompose_task)
-    refs = task.remote(spec.model, spec.task.type, data["num_labels"], spec.seed, dense_ref, stats_ref,
-                       list(methods.values()), device, cpus)
     seconds, decompositions, errors = {}, {}, {}
-    for i, key in enumerate(methods):
-        decomposition_ref, outcome_ref = refs[2 * i], refs[2 * i + 1]
-        try:
-            outcome = ray.get(outcome_ref)
-        except Exception as e:  # noqa: BLE001 - the task itself died past its retries: every method fails
-            outcome = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
+    # per method: (how to get its decompositions, its seconds or why it failed)
+    if in_driver:
+        here = _decompose_all(prepared.loaded.model, prepared.stats, list(methods.values()), device, cpus)
+        outcomes = [(lambda d=d: d, outcome) for d, outcome in zip(here[0::2], here[1::2])]
+        del here
+    else:  # a crashed worker is retried (limits.retries); a Python exception is caught per method
+        task = ray.remote(num_cpus=cpus, num_gpus=res.gpu, num_returns=2 * len(methods),
+                          max_retries=spec.limits.retries)(_decompose_task)
+        refs = task.remote(spec.model, spec.task.type, data["num_labels"], spec.seed, dense_ref, stats_ref,
+                           list(methods.values()), device, cpus)
+        outcomes = [(lambda r=r: ray.get(r), _outcome(o)) for r, o in zip(refs[0::2], refs[1::2])]
+        del refs
+    for key, (decs, outcome) in zip(methods, outcomes):
         if isinstance(outcome, str):
             seconds[key], errors[key] = math.nan, outcome
             log.warning(f"decomposition {key} failed: {outcome}")
             continue
         seconds[key] = outcome
-        # Owned by the driver from here: the copy the task left lives on the node that ran it,
-        # and if that node dies mid-sweep Ray would have to run the task again for the trials
-        # that read it, while those trials hold every CPU it could run on (a deadlock we hit).
-        decompositions[key] = ray.put(ray.get(decomposition_ref))
+        # Owned by the driver: a copy a task left lives on the node that ran it, and if that node
+        # dies mid-sweep Ray would have to run the task again for the trials that read it, while
+        # those trials hold every CPU it could run on (a deadlock we hit).
+        decompositions[key] = ray.put(decs())
         log.info(f"decomposition {key}: {seconds[key]:.1f} s")
-    refs.clear()  # the tasks' own copies can go
+    del outcomes  # the task's own copies (or the driver's) can go
     dense = prepared.dense_row
     return Shared(stats=ray.put(trial_stats(prepared.stats)), methods=methods, decompositions=decompositions,
                   decomposition_errors=errors,
