@@ -221,6 +221,7 @@ def _init_ray(address: str | None, local: bool) -> None:
     init = {"address": address, "include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     if local:
         init["num_cpus"] = int(local_resources()[0])
+    log.info(f"ray: starting on this machine ({init['num_cpus']} CPUs)" if local else f"ray: connecting to {address or 'RAY_ADDRESS'}")
     with interrupts.deferred():  # a Ctrl-C while Ray starts stops the sweep once it is up
         ray.init(**init)
 

@@ -23,6 +23,7 @@ import pandas as pd
 import psutil
 import pytest
 import ray
+import yaml
 
 from sweeps.spec import load_spec
 from sweeps.trials import expand
@@ -92,65 +93,83 @@ def _check_one_ok_row_per_trial(df: pd.DataFrame, trials: list[str]) -> None:
     assert (rows["status"] == "ok").all(), rows[["trial_id", "status", "error"]]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
-def test_a_killed_driver_resumes_without_losing_or_repeating_trials(work, sig):
-    folder, faults, TRIALS = work
-    faults()
-    driver = subprocess.Popen([str(LRSWEEP), "run", "sweep.yaml"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True)
-    table = folder / "results" / "faults" / "trials.parquet"
+def _start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([str(LRSWEEP), "run", "sweep.yaml", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_rows(driver: subprocess.Popen, table: Path, at_least: int) -> list[str]:
+    """The finished trials once `table` (written atomically: never half a file) has `at_least`."""
     deadline = time.monotonic() + 300
     finished: list[str] = []
-    while len(finished) < 2 and time.monotonic() < deadline and driver.poll() is None:
+    while len(finished) < at_least and time.monotonic() < deadline and driver.poll() is None:
         time.sleep(0.2)
-        if table.exists():  # written atomically: never half a file
+        if table.exists():
             df = pd.read_parquet(table)
             finished = list(df.loc[df["method"] != "dense", "trial_id"])
-    assert len(finished) >= 2 and driver.poll() is None, "the sweep did not get two trials done"
-    os.kill(driver.pid, sig)
-    out, err = driver.communicate(timeout=120)
-    if sig == signal.SIGINT:  # Tune stops the trials and saves its state; the CLI says what is left
-        assert driver.returncode == 3, err
-        assert "did not finish" in err and "--resume" in err
-        assert "Tuner.restore" not in out + err  # Tune's advice, which this project does not follow
-    else:
-        assert driver.returncode == -signal.SIGKILL
-        # Ray's own processes die with the driver, except its node agents: kill what is left of
-        # the driver's session, as closing the terminal would
-        os.killpg(driver.pid, signal.SIGKILL)
-        psutil.wait_procs(_ray_processes(os.environ["RAY_TMPDIR"]), timeout=30)
-    before = set(_table(folder)["trial_id"]) - {"dense"}
-    assert set(finished) <= before
-
-    resumed = _lrsweep("run", "sweep.yaml", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resume: keeping {len(before)} finished trial(s)" in resumed.stdout
-    _check_one_ok_row_per_trial(_table(folder), TRIALS)
-    runs = collections.Counter(a["trial"] for a in attempts(folder))
-    assert all(runs[t] == 1 for t in before), runs  # finished before the kill: never run again
-    assert set(runs) == set(TRIALS)
+    assert len(finished) >= at_least and driver.poll() is None, f"the sweep did not get {at_least} trials done"
+    return finished
 
 
-def test_ctrl_c_while_ray_starts_stops_the_sweep_and_leaves_it_resumable(work):
-    """SIGINT half a second after "calibration: reused" (or "...: saved to"): Ray is starting. The
-    sweep stops there (status 3, before any trial), and --resume runs every trial."""
+def _check_interrupted(driver: subprocess.Popen) -> None:
+    """Ctrl-C: Tune stops the trials; the CLI says what is left and how to go on (status 3)."""
+    out, err = driver.communicate(timeout=300)
+    assert driver.returncode == 3, err
+    assert ("did not finish" in err or "interrupted" in err) and "--resume" in err and "Traceback" not in err
+    assert "Tuner.restore" not in out + err  # Tune's advice, which this project does not follow
+
+
+def test_a_stopped_driver_resumes_without_losing_or_repeating_trials(work):
+    """One sweep stopped three ways and resumed each time: Ctrl-C half a second after "ray:
+    starting", while Ray starts: it stops before any trial; then
+    SIGKILL of the driver after two trials; then Ctrl-C after another. The last --resume finishes
+    it: one ok row per trial, and no trial that had finished before a stop ran again."""
     folder, faults, TRIALS = work
+    sweep = yaml.safe_load((folder / "sweep.yaml").read_text())
+    sweep["resources"]["max_concurrent"] = 1  # one trial at a time: each stop leaves some to do
+    (folder / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     faults()
-    driver = subprocess.Popen([str(LRSWEEP), "run", "sweep.yaml"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True)
+    table = folder / "results" / "faults" / "trials.parquet"
+
+    driver = _start()
     for line in driver.stdout:
-        if line.startswith("calibration: ") and ("reused" in line or "saved to" in line):
+        if line.startswith("ray: starting"):
             time.sleep(0.5)
             os.kill(driver.pid, signal.SIGINT)
             break
-    out, err = driver.communicate(timeout=300)
-    assert driver.returncode == 3, err
-    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    _check_interrupted(driver)
     assert set(_table(folder)["trial_id"]) == {"dense"} and attempts(folder) == []  # no trial started
+
+    driver = _start("--resume")
+    finished = _wait_for_rows(driver, table, 2)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.communicate(timeout=120)
+    assert driver.returncode == -signal.SIGKILL
+    # Ray's own processes die with the driver, except its node agents: kill what is left of the
+    # driver's session, as closing the terminal would
+    os.killpg(driver.pid, signal.SIGKILL)
+    psutil.wait_procs(_ray_processes(os.environ["RAY_TMPDIR"]), timeout=30)
+    killed = set(_table(folder)["trial_id"]) - {"dense"}
+    assert set(finished) <= killed
+    before_kill = collections.Counter(a["trial"] for a in attempts(folder))
+
+    driver = _start("--resume")
+    finished = _wait_for_rows(driver, table, len(killed) + 1)
+    os.kill(driver.pid, signal.SIGINT)
+    _check_interrupted(driver)
+    interrupted = set(_table(folder)["trial_id"]) - {"dense"}
+    assert killed < interrupted and set(finished) <= interrupted
+    before_interrupt = collections.Counter(a["trial"] for a in attempts(folder))
 
     resumed = _lrsweep("run", "sweep.yaml", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resume: keeping {len(interrupted)} finished trial(s)" in resumed.stdout
     _check_one_ok_row_per_trial(_table(folder), TRIALS)
+    runs = collections.Counter(a["trial"] for a in attempts(folder))
+    # finished before a stop: never run again after it
+    assert all(runs[t] == before_kill[t] for t in killed), (runs, before_kill)
+    assert all(runs[t] == before_interrupt[t] for t in interrupted), (runs, before_interrupt)
+    assert set(runs) == set(TRIALS)
 
 
 def test_crashed_trials_are_retried_then_recorded_as_failed(work):
