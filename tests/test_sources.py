@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from importlib import metadata
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -473,8 +474,10 @@ def test_tiny_token_ids_do_not_depend_on_the_hash_seed():
     import subprocess
     import sys
 
-    code = ("from trainables.sources import load_model; "
-            "print(load_model('tiny:llama').tokenizer('hello world')['input_ids'])")
+    # the tokenizer module alone (not the package: its imports take seconds per process)
+    tiny = Path(__file__).resolve().parent.parent / "trainables" / "sources" / "tiny.py"
+    code = ("import importlib.util as u; s = u.spec_from_file_location('tiny', %r); m = u.module_from_spec(s); "
+            "s.loader.exec_module(m); print(m.byte_tokenizer('llama')('hello world')['input_ids'])" % str(tiny))
     outs = {subprocess.run([sys.executable, "-c", code], env={**__import__('os').environ, "PYTHONHASHSEED": seed},
                            capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             for seed in ("1", "2")}
