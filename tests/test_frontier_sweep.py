@@ -68,10 +68,11 @@ def test_refit_and_allocation_mistakes_name_their_field():
 def test_the_frontier_example():
     spec = load_spec(EXAMPLE)
     trials = expand(spec)
-    assert [(t.method, t.ratio) for t in trials] == [("whiten-fd", 0.2), ("whiten-fd", 0.4), ("hybrid", 0.2),
-                                                       ("hybrid", 0.4)]
-    assert all(t.allocation == "spectrum" and t.finetune["steps"] == 0 for t in trials)
-    assert trials[2].options == {"form": "identity"} and trials[2].refit == {"dense": True, "damp": 0.0}
+    assert [(t.method, t.ratio, t.options) for t in trials] == [
+        ("whiten-fd", 0.2, {}), ("whiten-fd", 0.4, {}), ("whiten-fd", 0.2, {"form": "identity"}),
+        ("whiten-fd", 0.4, {"form": "identity"}), ("hybrid", 0.2, {"form": "identity"}),
+        ("hybrid", 0.4, {"form": "identity"})]
+    assert all(t.allocation == "spectrum" and t.finetune["steps"] == 0 and t.refit is None for t in trials)
     assert spec.model == "packaged:smollm2-135m" and spec.calibration_settings()["samples"] == 32
     assert spec.calibration_settings()["source"] == "packaged:wiki" and spec.task.eval == "packaged:lee"
 
