@@ -20,6 +20,14 @@ from .errors import UserInputError
 from .targets import MlpGroup, Target, dense_layer, dense_shape, dense_weight, get_module, layer_kind, set_dense_weight, set_module
 
 
+def check_factors(A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """ValueError unless A [out, k], B [k, in] and bias [out] (or None) fit together."""
+    if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[0]:
+        raise ValueError(f"factors must be A [out, k] and B [k, in], got {tuple(A.shape)} and {tuple(B.shape)}")
+    if bias is not None and tuple(bias.shape) != (A.shape[0],):
+        raise ValueError(f"bias must have shape ({A.shape[0]},), got {tuple(bias.shape)}")
+
+
 class LowRankLinear(nn.Module):
     """y = A (B x) + b with A [out, k], B [k, in]: `first` holds B, `second` holds A and the bias.
 
@@ -57,11 +65,8 @@ class LowRankLinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> LowRankLinear:
         """The layer computing (A @ B) x + bias; dtype and device default to those of A."""
-        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[0]:
-            raise ValueError(f"factors must be A [out, k] and B [k, in], got {tuple(A.shape)} and {tuple(B.shape)}")
+        check_factors(A, B, bias)
         out_features, rank = A.shape
-        if bias is not None and tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         layer = cls(B.shape[1], out_features, rank, bias=bias is not None,
                     dtype=dtype or A.dtype, device=device or A.device)
         with torch.no_grad():
@@ -143,11 +148,8 @@ class IdentityBlockLinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> IdentityBlockLinear:
         """The layer computing (A @ B) x + bias; dtype and device default to those of A."""
-        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[0]:
-            raise ValueError(f"factors must be A [out, k] and B [k, in], got {tuple(A.shape)} and {tuple(B.shape)}")
+        check_factors(A, B, bias)
         (m, k), n = A.shape, B.shape[1]
-        if bias is not None and tuple(bias.shape) != (m,):
-            raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}")
         layer = cls(n, m, k, bias=bias is not None, dtype=dtype or A.dtype, device=device or A.device)
         a, b = A.to(torch.float64), B.to(torch.float64)
         if layer.side == "columns":  # the rows of W'^T = B^T A^T

@@ -110,8 +110,8 @@ def _journal_search():
         def restore(self, checkpoint_path: str) -> None:
             raise RuntimeError("a saved searcher state (.pkl) is never read; the study resumes from its Optuna journal")
 
-        def restore_from_dir(self, checkpoint_dir: str) -> None:
-            self.restore(checkpoint_dir)
+        def restore_from_dir(self, checkpoint_dir: str) -> None:  # refuses: reads nothing
+            raise RuntimeError("a saved searcher state (.pkl) is never read; the study resumes from its Optuna journal")
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             super().on_trial_complete(trial_id, result=result, error=error)
