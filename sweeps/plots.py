@@ -29,8 +29,9 @@ def _figure(width: float, height: float, panels: int = 1) -> tuple[Figure, list]
     return fig, axes
 
 
-def _png(fig: Figure) -> bytes:
-    fig.tight_layout()
+def _png(fig: Figure, legend_inches: float = 0.0) -> bytes:
+    """PNG of `fig`, laid out tight, leaving `legend_inches` on the right for a figure legend."""
+    fig.tight_layout(rect=(0, 0, 1 - legend_inches / fig.get_figwidth(), 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
@@ -116,10 +117,7 @@ def metric_vs_ratio(df: pd.DataFrame) -> bytes | None:
         _metric_axis(axis, name)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="center right", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
-    return buffer.getvalue()
+    return _png(fig, legend_inches=1.6)
 
 
 def _pareto_panel(axis, df: pd.DataFrame, column: str, title: str) -> None:
@@ -160,10 +158,7 @@ def pareto_plot(df: pd.DataFrame) -> bytes | None:
         _pareto_panel(axis, df, column, f"{name} {title} vs size")
     handles, names = axes[-1].get_legend_handles_labels()
     fig.legend(handles, names, loc="center right", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 1.4 / fig.get_figwidth(), 1))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
-    return buffer.getvalue()
+    return _png(fig, legend_inches=1.4)
 
 
 def plan_grid(plan: dict) -> tuple[list[int], list[str], np.ndarray, np.ndarray]:
@@ -311,7 +306,4 @@ def finetune_curves(df: pd.DataFrame) -> bytes | None:
                 handles.append(handle)
                 names.append(text)
     fig.legend(handles, names, loc="center right", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 1))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
-    return buffer.getvalue()
+    return _png(fig, legend_inches=2.4)
