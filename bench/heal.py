@@ -1,10 +1,11 @@
 """Healing after compression on SmolLM2-135M: perplexity before and after each recipe.
 
-    python bench/heal.py [--steps N] [--eval-every N] [--storage DIR] [--no-write]
+    python bench/heal.py [--steps N] [--eval-every N] [--storage DIR] [--resume] [--no-write]
 
 Runs `sweeps/examples/heal.yaml` through the sweep API (`run_sweep`: one trial at a time on 2
 CPUs): whiten-fd / spectrum at 20 % and 40 % removed, healed by full finetuning or LoRA, on the LM
-loss or by distillation from the dense model, every recipe with the same finetune steps. Then it
+loss or by distillation from the dense model, and the identity-block form (the best one-shot
+configuration) healed by distillation, every recipe with the same finetune steps. Then it
 writes the "heal" section of BENCHMARKS.md (unless --no-write) from the sweep's trials.parquet:
 held-out `packaged:lee` perplexity before healing and after each recipe, against the dense model,
 finetune seconds (training only), seconds per step, parameters trained, and recovery per finetune
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="finetune steps of every recipe (default: the sweep file's)")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (default: the sweep file's)")
     parser.add_argument("--storage", default="results", help="where the sweep's folder goes (default: results)")
+    parser.add_argument("--resume", action="store_true", help="keep the stored sweep's finished trials")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -43,20 +45,24 @@ def main() -> None:
             data["finetune"][key] = value
             data["name"] += f"-{key.replace('_', '-')}{value}"
     spec = load_sweep(data, storage=args.storage)
-    result = run_sweep(spec)
+    result = run_sweep(spec, resume=args.resume)
+    if result.faults.unfinished:  # an interrupted sweep: no table from part of it
+        raise SystemExit(f"heal: {result.faults.unfinished} trial(s) did not finish; run again with --resume")
     df = load_results(result.directory)
     dense = float(df.loc[df["method"] == "dense", "metric"].iloc[0])
     healed = healing(df)
 
     rows = []
-    for ratio, part in healed.groupby("target_ratio", sort=True):
+    for (ratio, options), part in healed.groupby(["target_ratio", "options"], sort=True):
         before = part["metric_compressed"].iloc[0]
         goal = GOALS.get(round(ratio, 2))
-        rows.append(f"| {100 * ratio:.0f} % | none (compressed) | - | {before:.2f} | {before / dense:.2f}x | - | - | - |")
+        config = f"whiten-fd{', ' + options if options else ''}"
+        rows.append(f"| {100 * ratio:.0f} % | {config} | none (compressed) | - | {before:.2f} | {before / dense:.2f}x "
+                    "| - | - | - |")
         for row in part.itertuples():
             per_step = row.seconds_finetune / row.finetune_steps
             mark = " **(goal met)**" if goal and row.metric_finetuned <= goal * dense else ""
-            rows.append(f"| {100 * ratio:.0f} % | {row.recipe} | {row.params_trained / 1e6:.2f} | "
+            rows.append(f"| {100 * ratio:.0f} % | {config} | {row.recipe} | {row.params_trained / 1e6:.2f} | "
                         f"{row.metric_finetuned:.2f} | {row.metric_finetuned / dense:.2f}x{mark} | "
                         f"{row.seconds_finetune:.0f} ({per_step:.2f} / step) | {100 * row.gap_closed:.0f} % | "
                         f"{row.recovery_per_minute:.2f} |")
@@ -74,9 +80,9 @@ def main() -> None:
         "training only; recovery per finetune minute = (perplexity compressed - finetuned) / finetune "
         "minutes; gap closed = the share of the compressed-to-dense gap that healing closed.",
         "",
-        "| removed | recipe | params trained (M) | perplexity | x dense | finetune s | gap closed "
+        "| removed | compressed by | recipe | params trained (M) | perplexity | x dense | finetune s | gap closed "
         "| recovery / finetune min |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])
     print(body)

@@ -295,7 +295,8 @@ def recipe_label(settings: dict, extra: tuple[str, ...] = ()) -> str:
 
 def healing(df: pd.DataFrame) -> pd.DataFrame:
     """The trials that finetuned (finished or stopped early, with a finetuned metric), one row each:
-    trial_id, status, method, allocation, target_ratio, recipe (`recipe_label`, with the settings
+    trial_id, status, method, allocation, target_ratio, options ("form=identity", "" when none),
+    recipe (`recipe_label`, with the settings
     that differ between them), params_trained, finetune_steps, seconds_finetune, the metric
     compressed / finetuned / dense, curve ({step: metric}), gap_closed (the share of the gap between
     compressed and dense that finetuning closed) and recovery_per_minute: the metric's improvement
@@ -310,9 +311,10 @@ def healing(df: pd.DataFrame) -> pd.DataFrame:
     improvement = sign * (rows["metric_finetuned"] - rows["metric_compressed"])
     out = rows[["trial_id", "status", "method", "allocation", "target_ratio", "params_trained", "finetune_steps",
                 "seconds_finetune", "metric_compressed", "metric_finetuned", "metric_dense", "finetune_curve"]].copy()
+    out.insert(5, "options", [", ".join(f"{k}={v}" for k, v in sorted(dict(o).items())) for o in rows["options"]])
     out["recipe"] = [recipe_label(s, varying) for s in settings]
     out["gap_closed"] = (rows["metric_compressed"] - rows["metric_finetuned"]) / \
         (rows["metric_compressed"] - rows["metric_dense"])
     out["recovery_per_minute"] = improvement / (rows["seconds_finetune"] / 60)
     return out.rename(columns={"finetune_curve": "curve"}).sort_values(
-        ["target_ratio", "method", "allocation", "recipe"], kind="stable").reset_index(drop=True)
+        ["target_ratio", "method", "allocation", "options", "recipe"], kind="stable").reset_index(drop=True)
