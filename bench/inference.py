@@ -1,8 +1,10 @@
 """Forward latency of dense vs compressed SmolLM2-135M, measured against the FLOP bound.
 
-    python bench/inference.py [--ratios 0.2 0.4] [--batch 8] [--seq-len 256] [--repeats 7] [--no-write]
+    python bench/inference.py [--ratios 0.2 0.4] [--variants whiten-fd/spectrum ...] [--batch 8] [--seq-len 256]
+                              [--repeats 7] [--no-write]
 
-For whiten-fd / spectrum, whiten-fd / uniform and id / uniform at each ratio: the compressed model
+For each method / allocation of --variants (default: whiten-fd / spectrum, whiten-fd / uniform and
+id / uniform) at each ratio: the compressed model
 and the dense one timed in pairs, their runs interleaved (`trainables.latency.measure`, the
 sweep's latency stage: torch.utils.benchmark, 1 warm-up round, --repeats timed runs, median and
 interquartile range), on CPU unless CUDA is available, with torch's threads. The FLOP-bound
@@ -25,12 +27,13 @@ from trainables.latency import measure, random_inputs
 from trainables.sources import draw_windows, load_model
 
 MODEL = "packaged:smollm2-135m"
-VARIANTS = (("whiten-fd", "spectrum"), ("whiten-fd", "uniform"), ("id", "uniform"))
+VARIANTS = ("whiten-fd/spectrum", "whiten-fd/uniform", "id/uniform")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
@@ -46,10 +49,11 @@ def main() -> None:
     dense = model.to(device)
     ids = random_inputs(dense, args.batch, args.seq_len)
     dense_flops = flops_per_token(dense, args.seq_len)
+    variants = [tuple(v.split("/")) for v in args.variants]
     rows = []
-    for method in dict.fromkeys(m for m, _ in VARIANTS):
+    for method in dict.fromkeys(m for m, _ in variants):
         decs = decompose_model(model.cpu(), stats, method)
-        for allocation in (a for m, a in VARIANTS if m == method):
+        for allocation in (a for m, a in variants if m == method):
             for ratio in args.ratios:
                 plan = plan_ranks(model, stats, method, ratio, allocation, decs)
                 small = compress(model, stats, method, plan, decs, inplace=False).to(device)
