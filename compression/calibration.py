@@ -242,7 +242,7 @@ class _Collector:
                 group.current, group.pending = x, set(group.members)
                 with torch.no_grad():
                     rows = _at_least_float32(self.rows(x, t.name))
-                    group.gram.add_((rows.T @ rows).to(torch.float64))
+                    _add_upper_gram(group.gram, rows)
                     group.tokens += rows.shape[0]
             group.pending.discard(t.name)
             if self.gradients and output.requires_grad:
@@ -295,7 +295,7 @@ class _Collector:
         by_target = {t.name: max(tokens[t.input_group], 1) for t in self.targets if t.name in self.neuron}
         stats = CalibrationStats(
             targets=list(self.targets),
-            grams={name: g.gram for name, g in self.groups.items()},
+            grams={name: _symmetric(g.gram) for name, g in self.groups.items()},
             tokens=tokens,
             row_fisher=self.row,
             col_fisher=self.col,
@@ -304,6 +304,24 @@ class _Collector:
             meta=meta,
         )
         return stats.to("cpu")
+
+
+GRAM_BLOCK = 128  # columns per block row of the Gram product
+
+
+def _add_upper_gram(total: torch.Tensor, rows: torch.Tensor) -> None:
+    """total[i, j] += sum over the rows of x_i x_j for every i <= j (float64 total), block row by
+    block row: rows[:, i:i+w]^T rows[:, i:] for each block of w columns. A Gram is symmetric, so
+    this skips the blocks below the diagonal: 54 % (d = 1536) to 62 % (d = 576) of the FLOPs of
+    rows^T rows, torch having no symmetric rank-k product. `_symmetric` fills the rest at the end."""
+    d = rows.shape[1]
+    for i in range(0, d, GRAM_BLOCK):
+        total[i:i + GRAM_BLOCK, i:].add_((rows[:, i:i + GRAM_BLOCK].T @ rows[:, i:]).to(torch.float64))
+
+
+def _symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The full Gram from the upper triangle that `_add_upper_gram` accumulated."""
+    return torch.triu(upper) + torch.triu(upper, 1).T
 
 
 def _at_least_float32(t: torch.Tensor) -> torch.Tensor:

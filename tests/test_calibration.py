@@ -89,6 +89,21 @@ def test_gram_is_masked_xxt_once_per_group(calibrated):
         assert float((stats.grams[g] - exact).norm() / exact.norm()) < 1e-6
 
 
+def test_the_blocked_gram_product_is_the_full_symmetric_gram():
+    """Several block rows of GRAM_BLOCK columns, the last one ragged, over several batches."""
+    from compression.calibration import GRAM_BLOCK, _add_upper_gram, _symmetric
+
+    d = 2 * GRAM_BLOCK + 44
+    batches = [torch.randn(n, d, generator=torch.Generator().manual_seed(n)) for n in (50, 300, 7)]
+    total = torch.zeros(d, d, dtype=torch.float64)
+    for rows in batches:
+        _add_upper_gram(total, rows)
+    gram = _symmetric(total)
+    exact = sum(r.double().T @ r.double() for r in batches)
+    assert torch.equal(gram, gram.T)
+    assert float((gram - exact).norm() / exact.norm()) < 1e-6
+
+
 def test_fishers_match_autograd(calibrated):
     arch, task, model, batches, stats, _ = calibrated
     rows, cols, neuron = hand_fishers(model, batches, task, stats.targets)
