@@ -53,10 +53,10 @@ def main() -> None:
     healed = healing(df)
 
     rows = []
-    for (ratio, options), part in healed.groupby(["target_ratio", "options"], sort=True):
+    for (ratio, method, options), part in healed.groupby(["target_ratio", "method", "options"], sort=True):
         before = part["metric_compressed"].iloc[0]
         goal = GOALS.get(round(ratio, 2))
-        config = f"whiten-fd{', ' + options if options else ''}"
+        config = f"{method}{', ' + options if options else ''}"
         rows.append(f"| {100 * ratio:.0f} % | {config} | none (compressed) | - | {before:.2f} | {before / dense:.2f}x "
                     "| - | - | - |")
         for row in part.itertuples():
