@@ -77,7 +77,7 @@ def test_quickstart_is_the_packaged_example(capsys, workdir):
     from sweeps.cli import quickstart_file
 
     code, out, _ = run_cli(capsys, "validate", quickstart_file())
-    assert code == 0 and "sweep quickstart: 18 trial(s) on packaged:smollm2-135m" in out
+    assert code == 0 and "sweep quickstart: 20 trial(s) on packaged:smollm2-135m" in out
     assert files_under(workdir) == set()
 
 

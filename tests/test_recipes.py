@@ -6,10 +6,11 @@ import json
 
 import optuna
 import pytest
+import yaml
 
 from compression.errors import UserInputError
 from sweeps.recipes import largest, suggest
-from sweeps.spec import load_spec, parse_spec
+from sweeps.spec import parse_spec
 from sweeps.trials import base_config, expand, trial_count
 from sweeps.tuning import OptunaSpace
 from test_spec import EXAMPLES, spec_with
@@ -20,8 +21,15 @@ def block(**finetune):
 
 
 def test_sweeps_without_recipes_keep_their_trial_ids_and_hash():
-    """Ids and hash of the quickstart as the code computed them before finetune kinds existed."""
-    quickstart = load_spec(EXAMPLES / "quickstart.yaml")
+    """Ids and hash of the quickstart (as it was: 18 trials, an 8-step full finetune) as the code
+    computed them before finetune kinds existed."""
+    raw = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    raw["grid"] = [{"method": ["svd", "fwsvd", "whiten", "whiten-fw", "whiten-fd", "id"], "ratio": [0.2, 0.4],
+                    "allocation": ["uniform"]},
+                   {"method": ["whiten-fd"], "ratio": [0.2, 0.4], "allocation": ["uniform", "layer", "type", "spectrum"]}]
+    raw["finetune"] = {"steps": 8, "lr": 1.0e-4, "batch_size": 2, "warmup_steps": 1, "train": "compressed"}
+    raw["storage"] = str(EXAMPLES.parent.parent / "results")
+    quickstart = parse_spec(raw)
     assert [t.trial_id for t in expand(quickstart)[:3]] == ["6c0cde73a5d5", "bafcf59ba34c", "3cb3e09fdf09"]
     assert quickstart.spec_hash.startswith("72a8ff960c105f82")
     # the new settings spelt out at their defaults (or not applying) are the same sweep

@@ -37,7 +37,7 @@ def test_examples_validate_with_their_trial_counts():
     # quickstart: 6 methods x 2 ratios (uniform) + whiten-fd x 3 more allocations x 2 ratios
     # heal: 2 ratios x ((full, lora) x (lm, distill) + identity form x (full / distill, lora / lm, lora / distill));
     # frontier: 2 ratios x (whiten-fd, whiten-fd identity, hybrid identity)
-    assert counts == {"quickstart": 18, "minilm-tweets": 18, "gemma3": 14, "optuna-ranks": 16,
+    assert counts == {"quickstart": 20, "minilm-tweets": 18, "gemma3": 14, "optuna-ranks": 16,
                       "llama-cluster": 32, "standard-eval": 4, "heal": 14, "frontier": 6}
 
 
