@@ -280,7 +280,16 @@ def test_a_uri_storage_keeps_its_optuna_journal_in_the_bucket(tmp_path, monkeypa
 # -- Ctrl-C ---------------------------------------------------------------------------------------------
 
 
-def test_a_ctrl_c_while_ray_starts_is_raised_when_it_is_up():
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test (a shell that starts pytest in the background
+    ignores SIGINT), and the original one back afterwards."""
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, original)
+
+
+def test_a_ctrl_c_while_ray_starts_is_raised_when_it_is_up(python_sigint):
     from sweeps import interrupts
 
     steps = []
@@ -294,7 +303,7 @@ def test_a_ctrl_c_while_ray_starts_is_raised_when_it_is_up():
         pass  # no Ctrl-C: nothing raised
 
 
-def test_the_sigint_handler_tune_leaves_behind_is_removed():
+def test_the_sigint_handler_tune_leaves_behind_is_removed(python_sigint):
     from sweeps import interrupts
 
     with interrupts.handler_kept():
