@@ -296,10 +296,10 @@ def recipe_label(settings: dict, extra: tuple[str, ...] = ()) -> str:
 def healing(df: pd.DataFrame) -> pd.DataFrame:
     """The trials that finetuned (finished or stopped early, with a finetuned metric), one row each:
     trial_id, status, method, allocation, target_ratio, options ("form=identity", "" when none),
-    recipe (`recipe_label`, with the settings that differ between them), params_trained, finetune_steps, seconds_finetune, the metric
-    compressed / finetuned / dense, curve ({step: metric}), gap_closed (the share of the gap between
-    compressed and dense that finetuning closed) and recovery_per_minute: the metric's improvement
-    per minute of finetuning, (compressed - finetuned) / minutes for perplexity, (finetuned -
+    recipe (`recipe_label`, with the settings that differ between them), params_trained,
+    finetune_steps, seconds_finetune, the metric compressed / finetuned / dense, curve
+    ({step: metric}), gap_closed (the share of the gap between compressed and dense that
+    finetuning closed) and recovery_per_minute: the metric's improvement per minute of finetuning, (compressed - finetuned) / minutes for perplexity, (finetuned -
     compressed) / minutes for accuracy (a fraction: x 100 for percentage points)."""
     rows = df[df["status"].isin(["ok", "stopped"]) & (df["method"] != "dense") & df["metric_finetuned"].notna()]
     if rows.empty:

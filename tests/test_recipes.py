@@ -28,7 +28,6 @@ def test_sweeps_without_recipes_keep_their_trial_ids_and_hash():
                     "allocation": ["uniform"]},
                    {"method": ["whiten-fd"], "ratio": [0.2, 0.4], "allocation": ["uniform", "layer", "type", "spectrum"]}]
     raw["finetune"] = {"steps": 8, "lr": 1.0e-4, "batch_size": 2, "warmup_steps": 1, "train": "compressed"}
-    raw["storage"] = str(EXAMPLES.parent.parent / "results")
     quickstart = parse_spec(raw)
     assert [t.trial_id for t in expand(quickstart)[:3]] == ["6c0cde73a5d5", "bafcf59ba34c", "3cb3e09fdf09"]
     assert quickstart.spec_hash.startswith("72a8ff960c105f82")
