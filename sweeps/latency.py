@@ -5,7 +5,8 @@ Trials with the same layer shapes (`TrialRow.shape`: e.g. every SVD-family metho
 with the `uniform` allocation) run at the same speed whatever their weights, so one of them is
 rebuilt (its method's decompositions and its rank plan, as the trial built it) and timed against
 the dense model, their runs interleaved (`trainables.latency.measure`), in one Ray task with a
-trial's resources: its CPU threads, or its GPU. Beside the measured speed-up stands the FLOP-bound
+trial's resources: its CPU threads, or its GPU. Shapes are timed in groups, as many as memory holds
+(up to `MAX_GROUP`), each group interleaved with one set of dense runs. Beside the measured speed-up stands the FLOP-bound
 one (`compression.cost.flops_per_token`: linear layers with the LM head, plus attention at the
 measured length). A trial is slower than dense only when the difference of the medians exceeds
 the larger of the two interquartile ranges (`slower_than_dense`).
@@ -28,16 +29,33 @@ from sweeps.table import ResultsTable
 from trainables.trial import Shared
 
 log = logging.getLogger("lrsweep")
+MAX_GROUP = 16  # compressed models timed in one interleaved round with the dense model
 
 LATENCY_COLUMNS = ("latency_device", "latency_batch", "latency_seq_len", "latency_ms_dense", "latency_ms_compressed",
                    "latency_iqr_ms_dense", "latency_iqr_ms_compressed", "speedup", "speedup_flops")
+
+
+def _group_size(dense, device) -> int:
+    """How many compressed models one round of timed runs holds beside the dense one: as many as
+    half the free memory of `device` takes at the dense model's size (a compressed model is no
+    larger), at least 1, at most `MAX_GROUP`."""
+    import torch
+
+    from sweeps.prepare import available_memory
+
+    size = sum(t.numel() * t.element_size() for t in [*dense.parameters(), *dense.buffers()])
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+    return max(1, min(MAX_GROUP, int(free // 2 // max(size, 1))))
 
 
 def _measure_shapes(model_source: str, task: str, num_labels: int | None, seed: int, dense_state, stats,
                     methods: dict, decompositions: dict, shapes: list[tuple[str, str, dict]], settings: dict,
                     threads: int, use_gpu: bool) -> dict:
     """{shape: measured columns} for each (shape, method key, rank plan): in a Ray worker with a
-    trial's resources, or in the driver of a sweep on one machine (nothing else runs then)."""
+    trial's resources, or in the driver of a sweep on one machine (nothing else runs then). The
+    shapes are timed in groups (`_group_size`), each group's runs interleaved with one set of the
+    dense model's: the dense runs are not repeated per shape. Models are built with every thread
+    of the process; only the timed runs use the trial's `threads`."""
     import torch
 
     from compression.allocation import RankPlan
@@ -46,35 +64,35 @@ def _measure_shapes(model_source: str, task: str, num_labels: int | None, seed: 
     from trainables.latency import device_label, measure, random_inputs
     from trainables.sources import load_model
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        loaded = load_model(model_source, task=task, num_labels=num_labels, seed=seed)
-        if dense_state is not None:
-            loaded.model.load_state_dict(dense_state)
-        cpu_model = loaded.model
-        dense = copy.deepcopy(cpu_model).to(device)
-        ids = random_inputs(dense, settings["batch_size"], settings["seq_len"])
-        dense_flops = flops_per_token(dense, settings["seq_len"])
-        out, held = {}, (None, None)  # the decompositions of one method at a time
-        for shape, key, plan in sorted(shapes, key=lambda s: s[1]):
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    loaded = load_model(model_source, task=task, num_labels=num_labels, seed=seed)
+    if dense_state is not None:
+        loaded.model.load_state_dict(dense_state)
+    cpu_model = loaded.model
+    dense = copy.deepcopy(cpu_model).to(device)
+    ids = random_inputs(dense, settings["batch_size"], settings["seq_len"])
+    dense_flops = flops_per_token(dense, settings["seq_len"])
+    ordered = sorted(shapes, key=lambda s: s[1])  # the decompositions of one method at a time
+    size = _group_size(dense, device)
+    out, held = {}, (None, None)
+    for first in range(0, len(ordered), size):
+        group = {}
+        for shape, key, plan in ordered[first:first + size]:
             if held[0] != key:
                 held = (key, ray.get(decompositions[key]))
-            model = compress(copy.deepcopy(cpu_model), stats, methods[key], RankPlan.from_dict(plan),
-                             held[1]).to(device)
-            dense_latency, latency = measure([dense, model], ids, repeats=settings["repeats"],
-                                             warmup=settings["warmup"], threads=threads)
+            group[shape] = compress(copy.deepcopy(cpu_model), stats, methods[key], RankPlan.from_dict(plan),
+                                    held[1]).to(device)
+        dense_latency, *latencies = measure([dense, *group.values()], ids, repeats=settings["repeats"],
+                                            warmup=settings["warmup"], threads=threads)
+        for (shape, model), latency in zip(group.items(), latencies):
             out[shape] = {"latency_device": device_label(device, threads), "latency_batch": settings["batch_size"],
                           "latency_seq_len": settings["seq_len"], "latency_ms_dense": dense_latency.median_ms,
                           "latency_ms_compressed": latency.median_ms, "latency_iqr_ms_dense": dense_latency.iqr_ms,
                           "latency_iqr_ms_compressed": latency.iqr_ms,
                           "speedup": dense_latency.median_ms / latency.median_ms,
                           "speedup_flops": dense_flops / flops_per_token(model, settings["seq_len"])}
-            del model
-        return out
-    finally:
-        torch.set_num_threads(before)
+        del group
+    return out
 
 
 def measure_latency(spec: SweepSpec, shared: Shared, table: ResultsTable, in_driver: bool = False) -> int:

@@ -41,14 +41,20 @@ def _decompose_all(model, stats, methods: list[MethodConfig], device: str, threa
     import torch
 
     from compression.apply import decompose_model
+    from compression.methods.identity_block import as_factors
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     whitenings: dict = {}  # shared by the whitening methods: each input is whitened once
+    made: dict = {}  # factors_key -> decompositions: methods that differ in their storage form only
     out = []
     try:
         for method in methods:
             start = time.perf_counter()
+            twin = made.get(getattr(method, "factors_key", None))
+            if twin is not None:  # the same decomposition, stored in this method's form
+                out += [{name: method.in_form(as_factors(d)) for name, d in twin.items()}, time.perf_counter() - start]
+                continue
             try:
                 decs = decompose_model(model, stats, method, device=device if device != "cpu" else None,
                                        whitenings=whitenings)
@@ -56,7 +62,10 @@ def _decompose_all(model, stats, methods: list[MethodConfig], device: str, threa
                 out += [None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"]
                 continue
             # back on the CPU before they are shared: trials on CPU-only nodes read the same objects
-            out += [{name: d.to("cpu") for name, d in decs.items()}, time.perf_counter() - start]
+            decs = {name: d.to("cpu") for name, d in decs.items()}
+            if hasattr(method, "factors_key"):
+                made[method.factors_key] = decs
+            out += [decs, time.perf_counter() - start]
     finally:
         torch.set_num_threads(before)
     return out

@@ -152,6 +152,9 @@ def make_tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: s
                                   max_t=2 + steps // spec.finetune.eval_every,
                                   grace_period=es.grace_period, reduction_factor=es.reduction_factor)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no experiment banner from Tune
+    # a trial checkpoints its best evaluation (num_to_keep 1): each forces a snapshot of the
+    # experiment's state, by design here, which Tune would warn about at every evaluation
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     _quiet_restore_advice()
     # reuse_actors: trials run one after another in the same worker process, which keeps its dense
     # model loaded (trainables.trial caches it per process): one model load per worker, not per trial
@@ -160,7 +163,11 @@ def make_tuner(spec: SweepSpec, prepared: Prepared, shared: Shared, directory: s
               "time_budget_s": time_budget}
     if spec.optuna is None:
         done = {r.trial_id for r in kept}
-        configs = [c.to_dict() for c in expand(spec) if c.trial_id not in done]
+        # the longest first (finetuning, then refitting): trials run a few at a time, and a long
+        # one started last would run alone at the end while the other slots idle
+        todo = sorted((c for c in expand(spec) if c.trial_id not in done), reverse=True,
+                      key=lambda c: (c.finetune.get("steps", 0), c.refit is not None))
+        configs = [c.to_dict() for c in todo]
         if not configs:
             return None
         param_space = {"trial": tune.grid_search(configs)}

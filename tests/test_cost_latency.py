@@ -87,3 +87,14 @@ def test_latency_statistics_and_bad_settings():
         random_inputs(model, 1, 65)
     with pytest.raises(UserInputError, match="repeats must be a positive integer"):
         measure([model], random_inputs(model, 1, 8), repeats=0)
+
+
+def test_latency_groups_hold_what_half_the_free_memory_holds(monkeypatch):
+    import sweeps.latency as latency
+    import sweeps.prepare as prepare
+
+    model = tiny_model("llama")
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    for free, expected in ((0, 1), (7 * size, 3), (10**15, latency.MAX_GROUP)):
+        monkeypatch.setattr(prepare, "available_memory", lambda free=free: free)
+        assert latency._group_size(model, torch.device("cpu")) == expected

@@ -207,6 +207,25 @@ def test_identity_form_loss_curve_is_the_methods(llama):
         assert torch.equal(a1, a2) and torch.equal(b1, b2)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_a_sweep_decomposes_once_for_both_forms(llama):
+    """whiten-fd and whiten-fd with form identity share one decomposition in a sweep's
+    decomposition stage; the shared one compresses exactly as its own would."""
+    from sweeps.shared import _decompose_all
+
+    model, batches, stats = llama
+    identity = method_config("whiten-fd", form="identity")
+    assert identity.factors_key == method_config("whiten-fd").factors_key != identity.key
+    two, _, shared, _ = _decompose_all(model, stats, [method_config("whiten-fd"), identity], "cpu", 1)
+    assert all(shared[name].factors is two[name] for name in two)
+    own = decompose_model(model, stats, identity)
+    plan = plan_ranks(model, stats, identity, 0.3, "spectrum", own)
+    assert plan == plan_ranks(model, stats, identity, 0.3, "spectrum", shared)
+    a = compress(model, stats, identity, plan, own, inplace=False)
+    b = compress(model, stats, identity, plan, shared, inplace=False)
+    assert torch.equal(logits(a, batches[0]), logits(b, batches[0]))
+
+
 def test_identity_form_on_gpt2_conv1d_with_biases(tmp_path):
     model = random_biases(tiny_model("gpt2"))
     batches = tiny_batches(model)

@@ -212,6 +212,13 @@ class MatrixMethod(MethodConfig):
         (`methods.identity_block.in_form`)."""
         return factors
 
+    @property
+    def factors_key(self) -> str:
+        """What `decompose` depends on: the key of the method without its storage form, the same
+        for `whiten-fd` and `whiten-fd` with `form: identity` (one decomposition serves both)."""
+        has_form = any(f.name == "form" for f in dataclasses.fields(self))
+        return (dataclasses.replace(self, form="factors") if has_form else self).key
+
     def decompose(self, weight: Tensor, stats: LayerStats | None = None, unit: Target | None = None,
                   whitening: Whitening | None = None, store_dtype: torch.dtype = torch.float32) -> Factorization:
         """The decomposition of one weight [out, in] (float, on any device; results stay there).
