@@ -4,9 +4,9 @@
 
 Runs `sweeps/examples/heal.yaml` through the sweep API (`run_sweep`: one trial at a time on 2
 CPUs): whiten-fd / spectrum at 20 % and 40 % removed, healed by full finetuning or LoRA, on the LM
-loss or by distillation from the dense model, and the identity-block form (the best one-shot
-configuration) healed by distillation and by LoRA on the LM loss, every recipe with the same
-finetune steps. Then it writes the "heal" section of BENCHMARKS.md (unless --no-write) from the
+loss or by distillation from the dense model, and the best one-shot configurations (identity-block
+whiten-fd at 20 % and 40 %, identity-block hybrid at 40 %) healed by distillation and by LoRA on the
+LM loss, every recipe with the same finetune steps. Then it writes the "heal" section of BENCHMARKS.md (unless --no-write) from the
 sweep's trials.parquet: held-out `packaged:lee` perplexity before healing and after each recipe,
 against the dense model, finetune seconds (training only), seconds per step, parameters trained,
 and recovery per finetune minute. `--steps` / `--eval-every` override the sweep file's for a quick check (the sweep is then
@@ -71,7 +71,7 @@ def main() -> None:
         "## Healing after compression: SmolLM2-135M (`bench/heal.py`)",
         "",
         machine_line(),
-        f"`sweeps/examples/heal.yaml`: whiten-fd / spectrum, healed on `{task.train}` windows of "
+        f"`sweeps/examples/heal.yaml`: the `spectrum` allocation, healed on `{task.train}` windows of "
         f"{task.seq_len} tokens, {ft.steps} finetune steps of batch {ft.batch_size} for every recipe, "
         f"one trial at a time on {spec.resources.cpu:g} CPUs. Perplexity on {task.eval_windows} held-out "
         f"{task.seq_len}-token windows of `{task.eval}`: dense **{dense:.2f}**; goals: 20 % removed within "

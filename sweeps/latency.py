@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 
 import ray
 
@@ -123,6 +124,7 @@ def measure_latency(spec: SweepSpec, shared: Shared, table: ResultsTable, in_dri
             {key: shared.decompositions[key] for key, _ in shapes.values()},
             [(shape, key, plan) for shape, (key, plan) in shapes.items()],
             settings.model_dump(), max(1, int(res.cpu)), res.gpu > 0)
+    start = time.perf_counter()
     try:
         if in_driver:
             dense_state = None if shared.dense_state is None else ray.get(shared.dense_state)
@@ -138,6 +140,6 @@ def measure_latency(spec: SweepSpec, shared: Shared, table: ResultsTable, in_dri
     slow = sum(slower_than_dense(m) for m in measured.values())
     speedups = [m["speedup"] for m in measured.values()]
     log.info(f"latency: speed-ups {min(speedups):.2f}x to {max(speedups):.2f}x; {slow} shape(s) slower than dense "
-             f"beyond the spread of the runs")
+             f"beyond the spread of the runs ({time.perf_counter() - start:.0f} s)")
     return len(measured)
 
