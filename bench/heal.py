@@ -5,8 +5,8 @@
 Runs `sweeps/examples/heal.yaml` through the sweep API (`run_sweep`: one trial at a time on 2
 CPUs): whiten-fd / spectrum at 20 % and 40 % removed, healed by full finetuning or LoRA, on the LM
 loss or by distillation from the dense model, and the best one-shot configurations (identity-block
-whiten-fd at 20 % and 40 %, identity-block hybrid at 40 %) healed by distillation and by LoRA on the
-LM loss, every recipe with the same finetune steps. Then it writes the "heal" section of BENCHMARKS.md (unless --no-write) from the
+whiten-fd at 20 % and 40 %, healed by distillation and by LoRA on the LM loss; identity-block hybrid
+at 40 %, by LoRA on the LM loss), every recipe with the same finetune steps. Then it writes the "heal" section of BENCHMARKS.md (unless --no-write) from the
 sweep's trials.parquet: held-out `packaged:lee` perplexity before healing and after each recipe,
 against the dense model, finetune seconds (training only), seconds per step, parameters trained,
 and recovery per finetune minute. `--steps` / `--eval-every` override the sweep file's for a quick check (the sweep is then
