@@ -98,9 +98,11 @@ def test_the_blocked_gram_product_is_the_full_symmetric_gram():
     total = torch.zeros(d, d, dtype=torch.float64)
     for rows in batches:
         _add_upper_gram(total, rows)
-    gram = _symmetric(total)
+    upper = torch.triu(total)
+    below = torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).tril(-1)
+    gram = _symmetric(upper + below)  # what lies below the diagonal is ignored
     exact = sum(r.double().T @ r.double() for r in batches)
-    assert torch.equal(gram, gram.T)
+    assert torch.equal(gram, gram.T) and torch.equal(torch.triu(gram), upper)
     assert float((gram - exact).norm() / exact.norm()) < 1e-6
 
 
