@@ -19,8 +19,9 @@ Every config is also scored on 16 windows of `packaged:wiki` disjoint from the c
 windows (the validation column): the configuration to recommend is chosen there, never on the
 held-out text.
 
-Times: each config's decomposition (once per sweep: whiten-fd's, plus id-fd's for hybrid; the bench
-computes the two once and derives every config's from them), and per trial the plan + truncation
+Times: each config's decomposition (once per sweep: whiten-fd's, plus id-fd's for hybrid; as a
+sweep's decomposition stage, `sweeps.shared.decompose_all`, the bench decomposes the two once and
+derives every config's from them), and per trial the plan + truncation
 + layer swap and the refit stage; "extra per trial" is what a trial spends beyond the baseline's.
 Writes the "frontier-<model>" section of BENCHMARKS.md (unless --no-write) and prints it.
 """
@@ -39,13 +40,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from benchfile import machine_line, write_section
-from compression.apply import compress, decompose_model, plan_ranks
+from compression.apply import compress, plan_ranks
 from compression.calibration import CalibrationStats, collect_stats
 from compression.methods.hybrid import Hybrid
 from compression.methods.id_fd import IdFd
-from compression.methods.identity_block import in_form
 from compression.methods.whiten_fd import WhitenFd
 from compression.refit import refit, row_scales
+from sweeps.shared import decompose_all
 from trainables.evaluation import perplexity
 from trainables.sources import draw_windows, load_model
 
@@ -86,14 +87,6 @@ def statistics_for(model, calibration: torch.Tensor, path: Path) -> tuple[Calibr
     return stats, seconds
 
 
-def decompositions_of(method: WhitenFd | Hybrid, svds: dict, neurons: dict | None) -> dict:
-    """A config's decompositions from one `whiten-fd` and one `id-fd` decomposition of the model:
-    the form only changes how a rank is stored, and `hybrid` combines the two (so the bench
-    decomposes twice, not once per config)."""
-    matrices = {name: in_form(method.form, dec) for name, dec in svds.items()}
-    return method.combine(matrices, neurons) if isinstance(method, Hybrid) else matrices
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=list(MODELS), default="smollm2")
@@ -118,18 +111,19 @@ def main() -> None:
     stats, calibration_seconds = statistics_for(model, calibration, stats_path)
     refit_batches = batches_of(calibration, 4)
 
-    start = time.perf_counter()
-    svds = decompose_model(model, stats, WhitenFd())
-    seconds = {"whiten-fd": time.perf_counter() - start}
-    neurons = None
-    if any(isinstance(CONFIGS[name][1], Hybrid) for name in args.configs):
-        start = time.perf_counter()
-        neurons = decompose_model(model, stats, IdFd())
-        seconds["id-fd"] = time.perf_counter() - start
+    # as a sweep's decomposition stage: whiten-fd and id-fd decomposed once, every config made from them
+    bases = [WhitenFd(), IdFd()] if any(isinstance(CONFIGS[name][1], Hybrid) for name in args.configs) else [WhitenFd()]
+    methods = {m.key: m for m in [*bases, *(CONFIGS[name][1] for name in args.configs)]}
+    made = decompose_all(model, stats, list(methods.values()), "cpu", torch.get_num_threads())
+    failed = [key for key, decs in zip(methods, made[0::2]) if decs is None]
+    if failed:
+        raise SystemExit(f"frontier: the decompositions of {', '.join(failed)} failed")
+    by_key = dict(zip(methods, made[0::2]))
+    seconds = {m.name: s for m, s in zip(bases, made[1::2])}
     rows, per_trial = {}, {}
     for name in args.configs:
         label, method, refit_settings = CONFIGS[name]
-        decs = decompositions_of(method, svds, neurons)
+        decs = by_key[method.key]
         cells, checks, compress_s, refit_s = [], [], [], []
         for ratio in args.ratios:
             start = time.perf_counter()

@@ -35,37 +35,43 @@ def trial_stats(stats: CalibrationStats) -> CalibrationStats:
                             dict(stats.meta))
 
 
-def _decompose_all(model, stats, methods: list[MethodConfig], device: str, threads: int) -> list:
-    """For each method, its decompositions (None when it failed) and its seconds (or the error
-    message), flat: [decs_1, seconds_1, decs_2, seconds_2, ...]."""
+def decompose_all(model, stats, methods: list[MethodConfig], device: str, threads: int) -> list:
+    """For each method, its decompositions (None when they failed) and its seconds (or the error
+    message), flat: [decs_1, seconds_1, decs_2, seconds_2, ...]. A method derived from others
+    (`MethodConfig.derived_from`: another storage form, hybrid's two parts) is made from theirs,
+    each decomposed once; a method's seconds are those of what it computed first."""
     import torch
 
     from compression.apply import decompose_model
-    from compression.methods.identity_block import as_factors
+
+    whitenings: dict = {}  # shared by the whitening methods: each input is whitened once
+    made: dict = {}  # method key -> its decompositions (on the CPU), or why they failed
+
+    def decompositions(method: MethodConfig) -> dict | str:
+        if method.key not in made:
+            try:
+                parts = [decompositions(part) for part in method.derived_from()]
+                failed = next((part for part in parts if isinstance(part, str)), None)
+                if failed is not None:
+                    made[method.key] = failed
+                elif parts:
+                    made[method.key] = method.derive(parts)
+                else:  # back on the CPU before they are shared: trials on CPU-only nodes read them
+                    decs = decompose_model(model, stats, method, device=device if device != "cpu" else None,
+                                           whitenings=whitenings)
+                    made[method.key] = {name: d.to("cpu") for name, d in decs.items()}
+            except Exception as e:  # noqa: BLE001 - its trials fail with this message and the sweep goes on
+                made[method.key] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+        return made[method.key]
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    whitenings: dict = {}  # shared by the whitening methods: each input is whitened once
-    made: dict = {}  # factors_key -> decompositions: methods that differ in their storage form only
     out = []
     try:
         for method in methods:
             start = time.perf_counter()
-            twin = made.get(getattr(method, "factors_key", None))
-            if twin is not None:  # the same decomposition, stored in this method's form
-                out += [{name: method.in_form(as_factors(d)) for name, d in twin.items()}, time.perf_counter() - start]
-                continue
-            try:
-                decs = decompose_model(model, stats, method, device=device if device != "cpu" else None,
-                                       whitenings=whitenings)
-            except Exception as e:  # noqa: BLE001 - its trials fail with this message and the sweep goes on
-                out += [None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"]
-                continue
-            # back on the CPU before they are shared: trials on CPU-only nodes read the same objects
-            decs = {name: d.to("cpu") for name, d in decs.items()}
-            if hasattr(method, "factors_key"):
-                made[method.factors_key] = decs
-            out += [decs, time.perf_counter() - start]
+            decs = decompositions(method)
+            out += [None, decs] if isinstance(decs, str) else [decs, time.perf_counter() - start]
     finally:
         torch.set_num_threads(before)
     return out
@@ -73,11 +79,11 @@ def _decompose_all(model, stats, methods: list[MethodConfig], device: str, threa
 
 def _decompose_task(model_source: str, task: str, num_labels: int | None, seed: int, dense_state, stats,
                     methods: list[MethodConfig], device: str, threads: int) -> list:
-    """Runs in a Ray worker (a cluster's node): `_decompose_all` on the model loaded there."""
+    """Runs in a Ray worker (a cluster's node): `decompose_all` on the model loaded there."""
     loaded = load_model(model_source, task=task, num_labels=num_labels, seed=seed)
     if dense_state is not None:
         loaded.model.load_state_dict(dense_state)
-    return _decompose_all(loaded.model, stats, methods, device, threads)
+    return decompose_all(loaded.model, stats, methods, device, threads)
 
 
 def _outcome(ref) -> float | str:
@@ -114,7 +120,7 @@ def put_shared(spec: SweepSpec, prepared: Prepared, in_driver: bool = False) -> 
     seconds, decompositions, errors = {}, {}, {}
     # per method: (how to get its decompositions, its seconds or why it failed)
     if in_driver:
-        here = _decompose_all(prepared.loaded.model, prepared.stats, list(methods.values()), device, cpus)
+        here = decompose_all(prepared.loaded.model, prepared.stats, list(methods.values()), device, cpus)
         outcomes = [(lambda d=d: d, outcome) for d, outcome in zip(here[0::2], here[1::2])]
         del here
     else:  # a crashed worker is retried (limits.retries); a Python exception is caught per method

@@ -209,15 +209,18 @@ def test_identity_form_loss_curve_is_the_methods(llama):
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 def test_a_sweep_decomposes_once_for_both_forms(llama):
-    """whiten-fd and whiten-fd with form identity share one decomposition in a sweep's
-    decomposition stage; the shared one compresses exactly as its own would."""
-    from sweeps.shared import _decompose_all
+    """whiten-fd, whiten-fd with form identity and identity-form hybrid share one whiten-fd
+    decomposition in a sweep's decomposition stage; the shared one compresses exactly as its own
+    would."""
+    from sweeps.shared import decompose_all
 
     model, batches, stats = llama
     identity = method_config("whiten-fd", form="identity")
-    assert identity.factors_key == method_config("whiten-fd").factors_key != identity.key
-    two, _, shared, _ = _decompose_all(model, stats, [method_config("whiten-fd"), identity], "cpu", 1)
+    assert identity.derived_from() == [method_config("whiten-fd")] and identity.key != "whiten-fd{}"
+    hybrid = method_config("hybrid", form="identity")
+    two, _, shared, _, mixed, _ = decompose_all(model, stats, [method_config("whiten-fd"), identity, hybrid], "cpu", 1)
     assert all(shared[name].factors is two[name] for name in two)
+    assert all(mixed[name].inner.factors is two[name] for name in two)
     own = decompose_model(model, stats, identity)
     plan = plan_ranks(model, stats, identity, 0.3, "spectrum", own)
     assert plan == plan_ranks(model, stats, identity, 0.3, "spectrum", shared)

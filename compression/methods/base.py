@@ -182,6 +182,17 @@ class MethodConfig:
         """The units of `model` this method decomposes, in a fixed order."""
         raise NotImplementedError
 
+    def derived_from(self) -> list[MethodConfig]:
+        """The methods whose decompositions make this one's without decomposing again (`derive`,
+        in this order): a sweep that uses several of them decomposes each once. None (the
+        default): the method decomposes by itself."""
+        return []
+
+    def derive(self, decompositions: list[dict[str, Factorization]]) -> dict[str, Factorization]:
+        """This method's decompositions from those of `derived_from()`, in its order: what
+        `decompose_model` returns."""
+        raise NotImplementedError
+
     def decompose_model(self, model: nn.Module, stats, device: torch.device, store_dtype: torch.dtype,
                         progress: bool = False, whitenings: dict | None = None) -> dict[str, Factorization]:
         """unit name -> Factorization of every unit (see `compression.apply.decompose_model`).
@@ -212,12 +223,15 @@ class MatrixMethod(MethodConfig):
         (`methods.identity_block.in_form`)."""
         return factors
 
-    @property
-    def factors_key(self) -> str:
-        """What `decompose` depends on: the key of the method without its storage form, the same
-        for `whiten-fd` and `whiten-fd` with `form: identity` (one decomposition serves both)."""
-        has_form = any(f.name == "form" for f in dataclasses.fields(self))
-        return (dataclasses.replace(self, form="factors") if has_form else self).key
+    def derived_from(self) -> list[MethodConfig]:
+        """A method with a `form` other than two factors stores the same decomposition as its
+        two-factor twin in another form (see `MethodConfig.derived_from`)."""
+        if getattr(self, "form", "factors") == "factors":
+            return []
+        return [dataclasses.replace(self, form="factors")]
+
+    def derive(self, decompositions: list[dict[str, Factorization]]) -> dict[str, Factorization]:
+        return {name: self.in_form(dec) for name, dec in decompositions[0].items()}
 
     def decompose(self, weight: Tensor, stats: LayerStats | None = None, unit: Target | None = None,
                   whitening: Whitening | None = None, store_dtype: torch.dtype = torch.float32) -> Factorization:

@@ -109,6 +109,12 @@ class Hybrid(MethodConfig):
         mlps = self.neurons().decompose_model(model, stats, device, store_dtype, progress=progress)
         return self.combine(matrices, mlps)
 
+    def derived_from(self) -> list[MethodConfig]:
+        return [self.matrices(), self.neurons()]
+
+    def derive(self, decompositions: list[dict[str, Factorization]]) -> dict[str, Factorization]:
+        return self.combine(*decompositions)
+
     def combine(self, matrices: dict[str, Factorization], mlps: dict[str, Factorization]) -> dict[str, Factorization]:
         """This method's decompositions from those of `self.matrices()` (every target) and
         `self.neurons()` (every MLP): what `decompose_model` returns, without decomposing again."""

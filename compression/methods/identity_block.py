@@ -34,12 +34,6 @@ def in_form(form: str, factors: Factorization) -> Factorization:
     return IdentityBlockFactors(factors) if form == "identity" else factors
 
 
-def as_factors(dec: Factorization) -> Factorization:
-    """The two-factor decomposition behind `dec` (`dec` itself when it is one): `in_form` of it
-    gives the same decomposition in any form."""
-    return dec.factors if isinstance(dec, IdentityBlockFactors) else dec
-
-
 def identity_block_params(m: int, n: int, max_rank: int) -> Tensor:
     """[max_rank + 1] int64: k (m + n - k), the parameters of rank k in the identity-block form."""
     k = torch.arange(max_rank + 1, dtype=torch.int64)
