@@ -10,6 +10,9 @@ What is collected (padding tokens, attention_mask == 0, are left out of everythi
   (sum_i F_ij, [in]); the full F is never stored.
 - `neuron_fisher[t]`: g_i = mean over tokens of (dl/dy_i)^2 with l the SUM of the token losses, so the
   gradient at each token is that token's own (not divided by the batch size).
+- With `fisher="sampled"` every Fisher statistic uses labels drawn from the model's own softmax
+  (seeded) instead of the data's: the Monte Carlo Fisher, an unbiased estimate of the Gauss-Newton
+  curvature, where the data labels give the empirical Fisher (the default).
 - `block_importance`: ShortGPT's Block Influence (Men et al. 2024), BI_b = 1 - mean over tokens of
   cos(h_in, h_out) of block b. Chosen because it measures directly how much a block changes the
   residual stream, is scale-free (in [0, 2], comparable across blocks and models without
@@ -339,23 +342,41 @@ def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], mask: torch.Tensor, task: str) -> torch.Tensor:
-    """Summed loss of a batch (see the module docstring)."""
+FISHERS = ("empirical", "sampled")
+
+
+def _sampled(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Labels drawn from the model's own predictive distribution softmax(logits) [..., classes]."""
+    probs = logits.detach().float().softmax(-1)
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def _loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], mask: torch.Tensor, task: str,
+          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Summed loss of a batch (see the module docstring); with a generator, against labels sampled
+    from the model (the Monte Carlo Fisher) instead of the data's."""
     if task == "classification":
         if "labels" not in batch:
             raise UserInputError("calibration batches for task 'classification' need 'labels'")
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        labels = batch["labels"] if generator is None else _sampled(logits, generator)
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
     # Padded pairs are ignored through their labels: boolean-indexing the [batch, len, vocab] logits
     # would copy them (about a second per batch of 8 x 256 for a 49k vocabulary).
-    labels = batch["input_ids"][:, 1:].masked_fill(~(mask[:, :-1] & mask[:, 1:]), IGNORE)
+    labels = batch["input_ids"][:, 1:] if generator is None else _sampled(logits[:, :-1], generator)
+    labels = labels.masked_fill(~(mask[:, :-1] & mask[:, 1:]), IGNORE)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                            reduction="sum")
 
 
 def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task: str = "causal-lm",
                   targets: list[Target] | None = None, progress: bool = True,
-                  gradients: bool = True) -> CalibrationStats:
+                  gradients: bool = True, fisher: str = "empirical", fisher_samples: int = 1,
+                  seed: int = 0) -> CalibrationStats:
     """One pass over `batches` (dicts with input_ids, attention_mask, and labels for classification).
+
+    `fisher="sampled"`: the Fisher statistics from `fisher_samples` label draws per token from the
+    model's own prediction (seeded by `seed`; an unbiased estimate of the Gauss-Newton curvature)
+    instead of the data labels ("empirical"); each draw is one more backward pass.
 
     `targets` defaults to `find_targets(model)`. `gradients=False`: a forward pass through the
     backbone only, for methods that need no Fisher statistics (the Grams, token counts and block
@@ -363,6 +384,10 @@ def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], 
     """
     if task not in TASKS:
         raise UserInputError(f"task {task!r}: allowed {', '.join(TASKS)}")
+    if fisher not in FISHERS:
+        raise UserInputError(f"calibration fisher {fisher!r}: allowed {', '.join(FISHERS)}")
+    if isinstance(fisher_samples, bool) or not isinstance(fisher_samples, int) or fisher_samples < 1:
+        raise UserInputError(f"calibration fisher_samples must be an integer >= 1, got {fisher_samples!r}")
     targets = find_targets(model) if targets is None else list(targets)
     if not targets:
         raise UserInputError("calibration targets: empty list")
@@ -380,6 +405,10 @@ def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], 
     n_batches = n_sequences = seq_len = 0
     backbone = model if gradients else getattr(model, "base_model", model)
     collector = None
+    generator = None
+    if gradients and fisher == "sampled":
+        generator = torch.Generator(device=device).manual_seed(seed)
+    draws = fisher_samples if generator is not None else 1
     try:
         model.eval()
         model.zero_grad(set_to_none=True)
@@ -402,7 +431,9 @@ def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], 
                     if logits is None:
                         raise UserInputError(f"model {type(model).__name__} returns no logits; calibration needs "
                                              "a model with a language-model or classification head")
-                    _loss(logits, batch, mask, task).backward()
+                    for draw in range(draws):  # each draw's squares weigh 1 / draws
+                        loss = _loss(logits, batch, mask, task, generator)
+                        (loss / draws ** 0.5 if draws > 1 else loss).backward(retain_graph=draw < draws - 1)
                 collector.end()
                 n_batches += 1
                 n_sequences += batch["input_ids"].shape[0]
@@ -426,6 +457,7 @@ def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], 
         "seq_len": seq_len,
         "seconds": round(time.perf_counter() - start, 3),
         "gradients": gradients,
+        **({"fisher": fisher, "fisher_samples": draws} if generator is not None else {}),
         "device": str(device),
         "block_importance": "block influence: 1 - mean cos(h_in, h_out)",
     }

@@ -287,3 +287,41 @@ def test_a_pass_without_gradients_gives_the_same_grams_and_no_fisher(arch, task,
     assert decompose_model(model, light, "whiten") and decompose_model(model, light, "svd")
     with pytest.raises(UserInputError, match="needs the calibration statistic 'neuron_fisher'"):
         decompose_model(model, light, "whiten-fd")
+
+
+def test_sampled_fisher_is_seeded_and_leaves_the_grams_alone():
+    model = tiny_model("llama", "causal-lm")
+    batches = tiny_batches(model, n_batches=2, batch=2, seq_len=8, seed=0)
+    empirical = collect_stats(model, batches, progress=False)
+    a = collect_stats(model, batches, progress=False, fisher="sampled", seed=1)
+    b = collect_stats(model, batches, progress=False, fisher="sampled", seed=1)
+    c = collect_stats(model, batches, progress=False, fisher="sampled", seed=2)
+    name = a.targets[0].name
+    assert torch.equal(a.neuron_fisher[name], b.neuron_fisher[name])
+    assert not torch.equal(a.neuron_fisher[name], c.neuron_fisher[name])
+    assert not torch.equal(a.neuron_fisher[name], empirical.neuron_fisher[name])
+    assert all(torch.equal(a.grams[g], empirical.grams[g]) for g in a.grams)
+    assert torch.equal(a.block_importance, empirical.block_importance)
+    assert a.meta["fisher"] == "sampled" and "fisher" not in empirical.meta
+    with pytest.raises(UserInputError, match="fisher 'true'"):
+        collect_stats(model, batches, progress=False, fisher="true")
+    with pytest.raises(UserInputError, match="fisher_samples"):
+        collect_stats(model, batches, progress=False, fisher="sampled", fisher_samples=0)
+
+
+def test_sampled_fisher_converges_to_its_expectation_over_the_labels():
+    """One sequence, three classes (p about 0.18 / 0.17 / 0.65): E_y[g_y^2] = sum_y p_y g_y^2, each g_y
+    from the data label y."""
+    model = tiny_model("llama", "classification")
+    batch = tiny_batches(model, n_batches=1, batch=1, seq_len=8, seed=0)[0]
+    with torch.no_grad():
+        p = model(input_ids=batch["input_ids"]).logits.softmax(-1)[0]
+    exact = {}
+    for y in range(p.numel()):
+        stats = collect_stats(model, [dict(batch, labels=torch.tensor([y]))], "classification", progress=False)
+        for n, v in stats.neuron_fisher.items():
+            exact[n] = exact.get(n, 0) + float(p[y]) * v
+    sampled = collect_stats(model, [batch], "classification", progress=False, fisher="sampled",
+                            fisher_samples=4000, seed=0)
+    for n, v in exact.items():
+        assert torch.allclose(sampled.neuron_fisher[n], v, rtol=0.1, atol=1e-3 * float(v.max()))
