@@ -14,6 +14,13 @@ are cached in `--stats-dir`, so a second run decomposes and evaluates only); per
     identity-refit  identity-block factors + refit-ridge
     identity-hybrid identity-block factors + hybrid
     all             all three (refit-ridge)
+    sampled                  + Fisher statistics from labels the model samples (`fisher: sampled`)
+    identity-sampled         identity-block factors + sampled Fisher
+    identity-hybrid-sampled  identity-block hybrid + sampled Fisher
+
+The sampled Fisher (Monte Carlo: one label per token drawn from the model's own prediction, seeded)
+changes the statistics, not the method: those configs calibrate once more (cached separately) and
+decompose from those statistics.
 
 Every config is also scored on 16 windows of `packaged:wiki` disjoint from the calibration
 windows (the validation column): the configuration to recommend is chosen there, never on the
@@ -65,21 +72,29 @@ CONFIGS = {
     "identity-hybrid": ("identity-block + hybrid", Hybrid(form="identity"), None),
     "all": ("all three (`hybrid`, `form: identity`, refit compressed layers, damp 0.01)",
             Hybrid(form="identity"), RIDGE),
+    "sampled": ("+ sampled Fisher (`calibration: {fisher: sampled}`)", WhitenFd(), None),
+    "identity-sampled": ("identity-block + sampled Fisher", WhitenFd(form="identity"), None),
+    "identity-hybrid-sampled": ("identity-block hybrid + sampled Fisher", Hybrid(form="identity"), None),
 }
+SAMPLED = {"sampled", "identity-sampled", "identity-hybrid-sampled"}  # the configs on sampled-Fisher statistics
+
+
+def fisher_of(name: str) -> str:
+    return "sampled" if name in SAMPLED else "empirical"
 
 
 def batches_of(windows: torch.Tensor, size: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(size)]
 
 
-def statistics_for(model, calibration: torch.Tensor, path: Path) -> tuple[CalibrationStats, float]:
-    """The calibration statistics from `path`, or collected (and saved there); their seconds."""
+def statistics_for(model, calibration: torch.Tensor, path: Path, fisher: str) -> tuple[CalibrationStats, float]:
+    """The calibration statistics (`fisher` labels) from `path`, or collected (and saved there); their seconds."""
     if path.is_file():
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
         return CalibrationStats.from_tensors(load_file(str(path)), metadata), float("nan")
     start = time.perf_counter()
-    stats = collect_stats(model, batches_of(calibration, 4), progress=False)
+    stats = collect_stats(model, batches_of(calibration, 4), progress=False, fisher=fisher)
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors, metadata = stats.to_tensors()
@@ -107,31 +122,37 @@ def main() -> None:
                               seed=0)["train"]  # the same calibration windows, then 16 others
     dense = perplexity(model, held_out, batch_size=8).value
     dense_validation = perplexity(model, validation, batch_size=8).value
-    stats_path = args.stats_dir / f"{args.model}-{CALIBRATION.split(':')[1]}-{args.calibration}x{SEQ_LEN}.safetensors"
-    stats, calibration_seconds = statistics_for(model, calibration, stats_path)
     refit_batches = batches_of(calibration, 4)
 
-    # as a sweep's decomposition stage: whiten-fd and id-fd decomposed once, every config made from them
-    bases = [WhitenFd(), IdFd()] if any(isinstance(CONFIGS[name][1], Hybrid) for name in args.configs) else [WhitenFd()]
-    methods = {m.key: m for m in [*bases, *(CONFIGS[name][1] for name in args.configs)]}
-    made = decompose_all(model, stats, list(methods.values()), "cpu", torch.get_num_threads())
-    failed = [key for key, decs in zip(methods, made[0::2]) if decs is None]
-    if failed:
-        raise SystemExit(f"frontier: the decompositions of {', '.join(failed)} failed")
-    by_key = dict(zip(methods, made[0::2]))
-    seconds = {m.name: s for m, s in zip(bases, made[1::2])}
+    # per kind of Fisher statistics, as a sweep's decomposition stage: whiten-fd and id-fd decomposed
+    # once, every config made from them
+    stats, calibration_seconds, by_key, seconds = {}, {}, {}, {}
+    for fisher in sorted({fisher_of(name) for name in args.configs}):
+        stem = f"{args.model}-{CALIBRATION.split(':')[1]}-{args.calibration}x{SEQ_LEN}"
+        path = args.stats_dir / (f"{stem}.safetensors" if fisher == "empirical" else f"{stem}-{fisher}.safetensors")
+        stats[fisher], calibration_seconds[fisher] = statistics_for(model, calibration, path, fisher)
+        names = [name for name in args.configs if fisher_of(name) == fisher]
+        bases = [WhitenFd(), IdFd()] if any(isinstance(CONFIGS[name][1], Hybrid) for name in names) else [WhitenFd()]
+        methods = {m.key: m for m in [*bases, *(CONFIGS[name][1] for name in names)]}
+        made = decompose_all(model, stats[fisher], list(methods.values()), "cpu", torch.get_num_threads())
+        failed = [key for key, decs in zip(methods, made[0::2]) if decs is None]
+        if failed:
+            raise SystemExit(f"frontier: the decompositions of {', '.join(failed)} ({fisher} Fisher) failed")
+        by_key |= {(fisher, key): decs for key, decs in zip(methods, made[0::2])}
+        seconds |= {(fisher, m.name): s for m, s in zip(bases, made[1::2])}
     rows, per_trial = {}, {}
     for name in args.configs:
         label, method, refit_settings = CONFIGS[name]
-        decs = by_key[method.key]
+        fisher = fisher_of(name)
+        decs = by_key[fisher, method.key]
         cells, checks, compress_s, refit_s = [], [], [], []
         for ratio in args.ratios:
             start = time.perf_counter()
-            plan = plan_ranks(model, stats, method, ratio, "spectrum", decs)
-            small = compress(model, stats, method, plan, decs, inplace=False)
+            plan = plan_ranks(model, stats[fisher], method, ratio, "spectrum", decs)
+            small = compress(model, stats[fisher], method, plan, decs, inplace=False)
             compress_s.append(time.perf_counter() - start)
             if refit_settings is not None:
-                refit_s.append(refit(small, model, refit_batches, stats.targets, row_scales(decs),
+                refit_s.append(refit(small, model, refit_batches, stats[fisher].targets, row_scales(decs),
                                      **refit_settings).seconds)
             ppl = perplexity(small, held_out, batch_size=8).value
             check = perplexity(small, validation, batch_size=8).value
@@ -142,7 +163,7 @@ def main() -> None:
                   flush=True)
             del small
         per_trial[name] = [statistics.median(compress_s), statistics.median(refit_s) if refit_s else 0.0]
-        decompose = seconds["whiten-fd"] + (seconds["id-fd"] if isinstance(method, Hybrid) else 0.0)
+        decompose = seconds[fisher, "whiten-fd"] + (seconds[fisher, "id-fd"] if isinstance(method, Hybrid) else 0.0)
         rows[name] = (label, decompose, cells, checks)
 
     base = sum(per_trial.get("baseline", [0.0, 0.0]))
@@ -154,8 +175,9 @@ def main() -> None:
         table.append(f"| {label} | " + " | ".join(cells) + f" | {' / '.join(checks)} | {decompose:.0f} | {compress_s:.1f} | "
                      f"{refit_s:.1f} | {extra:+.1f} |")
     ratio_cols = " | ".join(f"ppl @ {r:g} removed (x dense)" for r in args.ratios)
-    calibrated = ("from the cache" if calibration_seconds != calibration_seconds
-                  else f"{calibration_seconds:.0f} s, one forward + backward pass")
+    calibrated = "; ".join(
+        f"{fisher} Fisher " + ("from the cache" if s != s else f"{s:.0f} s, one forward + backward pass")
+        for fisher, s in calibration_seconds.items())
     body = "\n".join([
         f"## The one-shot frontier: {source.split(':')[1]}, no finetuning (`bench/frontier.py --model {args.model}`)",
         "",

@@ -345,10 +345,21 @@ def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
 FISHERS = ("empirical", "sampled")
 
 
+SAMPLE_ROWS = 256  # positions a chunk of `_sampled`: its softmax and cumulative sum stay in cache
+
+
 def _sampled(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Labels drawn from the model's own predictive distribution softmax(logits) [..., classes]."""
-    probs = logits.detach().float().softmax(-1)
-    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(probs.shape[:-1])
+    """Labels drawn from the model's own predictive distribution softmax(logits) [..., classes], by
+    inverting its cumulative sum at one uniform draw per position, `SAMPLE_ROWS` positions at a
+    time (against `torch.multinomial`: 4.0 s -> 0.4 s for 2,040 positions over a 49k vocabulary;
+    whole at once, a 262k vocabulary took twice as long as in chunks)."""
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    labels = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+    for i in range(0, flat.shape[0], SAMPLE_ROWS):
+        cdf = flat[i:i + SAMPLE_ROWS].float().softmax(-1).cumsum_(-1)
+        u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device) * cdf[:, -1:]
+        labels[i:i + SAMPLE_ROWS] = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+    return labels.reshape(logits.shape[:-1])
 
 
 def _loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], mask: torch.Tensor, task: str,

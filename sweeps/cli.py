@@ -178,7 +178,8 @@ def _validate(args: argparse.Namespace) -> int:
     r = spec.resources
     print(f"sweep {spec.name}: {plan.trial_count} trial(s) on {spec.model} ({spec.task.type})")
     print(f"  evaluation: {task['eval']}; calibration: {cal['samples']} samples of {cal['source']} "
-          f"({cal['seq_len']} tokens); finetune: {spec.finetune.steps} steps")
+          f"({cal['seq_len']} tokens{'; ' + cal['fisher'] + ' Fisher' if 'fisher' in cal else ''}); "
+          f"finetune: {spec.finetune.steps} steps")
     print(f"  methods: {', '.join(repr(m) for m in plan.methods)}")
     print(f"  per trial: {r.cpu:g} CPU, {r.gpu:g} GPU; at most "
           f"{r.max_concurrent if r.max_concurrent else 'as many as fit'} at once")

@@ -312,13 +312,19 @@ def cache_key(spec: SweepSpec) -> str:
     return full if (folder / f"{full}.safetensors").is_file() and not (folder / f"{key}.safetensors").is_file() else key
 
 
+def _fisher(spec: SweepSpec) -> dict:
+    """`collect_stats`' Fisher arguments from the sweep's calibration section."""
+    cal = spec.calibration
+    return {"fisher": cal.fisher, "fisher_samples": cal.fisher_samples, "seed": spec.calibration_settings()["seed"]}
+
+
 def _calibration_task(model_source: str, task: str, num_labels: int | None, seed: int, dense_state,
-                      batches: list[dict[str, torch.Tensor]], gradients: bool) -> CalibrationStats:
+                      batches: list[dict[str, torch.Tensor]], gradients: bool, fisher: dict) -> CalibrationStats:
     """Runs in a Ray worker with a GPU: the calibration pass there (statistics back on the CPU)."""
     loaded = load_model(model_source, task=task, num_labels=num_labels, seed=seed)
     if dense_state is not None:
         loaded.model.load_state_dict(dense_state)
-    return collect_stats(loaded.model.to("cuda"), batches, task=task, progress=False, gradients=gradients)
+    return collect_stats(loaded.model.to("cuda"), batches, task=task, progress=False, gradients=gradients, **fisher)
 
 
 def _collect(spec: SweepSpec, loaded: LoadedModel, data: dict, batches, gradients: bool, progress: bool
@@ -328,7 +334,7 @@ def _collect(spec: SweepSpec, loaded: LoadedModel, data: dict, batches, gradient
     if spec.resources.gpu > 0 and torch.cuda.is_available():
         try:
             return collect_stats(loaded.model.to("cuda"), batches, task=spec.task.type, progress=progress,
-                                 gradients=gradients)
+                                 gradients=gradients, **_fisher(spec))
         finally:
             loaded.model.to("cpu")
     if spec.resources.gpu > 0 and ray.is_initialized():
@@ -337,8 +343,9 @@ def _collect(spec: SweepSpec, loaded: LoadedModel, data: dict, batches, gradient
         task = ray.remote(num_gpus=spec.resources.gpu, num_cpus=spec.resources.cpu,
                           max_retries=spec.limits.retries)(_calibration_task)
         return ray.get(task.remote(spec.model, spec.task.type, data.get("num_labels"), spec.seed, dense_state,
-                                   batches, gradients))
-    return collect_stats(loaded.model, batches, task=spec.task.type, progress=progress, gradients=gradients)
+                                   batches, gradients, _fisher(spec)))
+    return collect_stats(loaded.model, batches, task=spec.task.type, progress=progress, gradients=gradients,
+                         **_fisher(spec))
 
 
 def _statistics(spec: SweepSpec, loaded: LoadedModel, data: dict, key: str, progress: bool

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from compression.allocation import ALLOCATIONS
+from compression.calibration import FISHERS
 from compression.errors import UserInputError
 from compression.methods import MethodConfig, method_config, registered
 from sweeps.recipes import HealingSettings, TrainLayers, check_block, check_values, grid_sets, largest
@@ -96,11 +97,24 @@ TASK_MODELS.update({"causal-lm": CausalLMTask, "classification": ClassificationT
 
 
 class Calibration(Section):
+    """`fisher`: where the Fisher statistics' labels come from: the data (`empirical`) or draws
+    from the model's own prediction (`sampled`, the Monte Carlo Fisher; `fisher_samples` draws per
+    token, each one more backward pass, seeded by `seed`). See `compression.calibration`."""
+
     source: str | None = Field(None, description="default: task.train (classification) or task.eval")
     samples: PosInt = 128
     seq_len: int | None = Field(None, ge=8, description="default: task.seq_len / task.max_length")
     batch_size: PosInt = 8
     seed: int | None = Field(None, description="default: the sweep seed")
+    fisher: Literal[FISHERS] = "empirical"  # type: ignore[valid-type]
+    fisher_samples: PosInt = 1
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self):
+        if self.fisher_samples != 1 and self.fisher != "sampled":
+            raise ValueError(f"fisher_samples {self.fisher_samples} applies to fisher: sampled only "
+                             f"(fisher is {self.fisher!r})")
+        return self
 
 
 class Refit(Section):
@@ -357,9 +371,12 @@ class SweepSpec(Section):
         default_source = task.eval if task.type == "causal-lm" else task.train
         default_len = task.seq_len if task.type == "causal-lm" else task.max_length
         c = self.calibration
-        return {"source": c.source or default_source, "samples": c.samples,
-                "seq_len": c.seq_len or default_len, "batch_size": c.batch_size,
-                "seed": self.seed if c.seed is None else c.seed}
+        settings = {"source": c.source or default_source, "samples": c.samples,
+                    "seq_len": c.seq_len or default_len, "batch_size": c.batch_size,
+                    "seed": self.seed if c.seed is None else c.seed}
+        if c.fisher != "empirical":  # only when set, so the keys and trial ids of other sweeps stay
+            settings |= {"fisher": c.fisher, "fisher_samples": c.fisher_samples}
+        return settings
 
     def task_settings(self) -> dict:
         task = self.task.model_dump(mode="json")
@@ -386,15 +403,20 @@ class SweepSpec(Section):
 
 # Grid-block keys added after sweeps were first hashed, left out of the hash while empty.
 LATER_BLOCK_KEYS = ("finetune", "refit")
+# Calibration settings added after sweeps were first hashed, left out of the hash at these defaults.
+LATER_CALIBRATION_DEFAULTS = {"fisher": "empirical", "fisher_samples": 1}
 
 
 def _stable_body(body: dict) -> dict:
     """The dumped sweep settings with what later versions added left out where it holds its
-    defaults (healing settings, a block's finetune values and refit), so sweeps written before
-    keep their hash."""
+    defaults (healing settings, a block's finetune values and refit, the calibration's Fisher
+    settings), so sweeps written before keep their hash."""
     body = dict(body)
     if "finetune" in body:
         body["finetune"] = identity_settings(body["finetune"])
+    if "calibration" in body:
+        body["calibration"] = {k: v for k, v in body["calibration"].items()
+                               if LATER_CALIBRATION_DEFAULTS.get(k, object()) != v}
     body["grid"] = [{k: v for k, v in block.items() if k not in LATER_BLOCK_KEYS or v} for block in body["grid"]]
     return body
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, LlamaForCausalLM
 
-from compression.calibration import CalibrationStats, collect_stats, estimate_stats_bytes
+from compression.calibration import CalibrationStats, _sampled, collect_stats, estimate_stats_bytes
 from compression.errors import UserInputError
 from compression.targets import find_targets, get_module
 from tiny_models import ARCHS, tiny_batches, tiny_config, tiny_model
@@ -325,3 +325,12 @@ def test_sampled_fisher_converges_to_its_expectation_over_the_labels():
                             fisher_samples=4000, seed=0)
     for n, v in exact.items():
         assert torch.allclose(sampled.neuron_fisher[n], v, rtol=0.1, atol=1e-3 * float(v.max()))
+
+
+def test_sampled_labels_follow_the_softmax_and_never_take_an_impossible_class():
+    logits = torch.tensor([[2.0, 0.0, float("-inf"), -1.0, float("-inf")]]).expand(200_000, 5)
+    labels = _sampled(logits, torch.Generator().manual_seed(0))
+    freq = torch.bincount(labels, minlength=5).double() / labels.numel()
+    p = logits[0].double().softmax(-1)
+    assert freq[2] == 0 and freq[4] == 0
+    assert torch.allclose(freq, p, atol=4 * float((p * (1 - p) / labels.numel()).sqrt().max()))

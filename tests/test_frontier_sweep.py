@@ -75,6 +75,45 @@ def test_the_frontier_example():
     assert all(t.allocation == "spectrum" and t.finetune["steps"] == 0 and t.refit is None for t in trials)
     assert spec.model == "packaged:smollm2-135m" and spec.calibration_settings()["samples"] == 32
     assert spec.calibration_settings()["source"] == "packaged:wiki" and spec.task.eval == "packaged:lee"
+    assert spec.calibration_settings()["fisher"] == "sampled"
+
+
+def test_the_sampled_fisher_is_a_calibration_setting_that_leaves_other_keys_and_ids_alone():
+    plain = parse_spec(BASE)
+    sampled = parse_spec(dict(BASE, calibration={"fisher": "sampled"}))
+    four = parse_spec(dict(BASE, calibration={"fisher": "sampled", "fisher_samples": 4}))
+    assert "fisher" not in plain.calibration_settings()  # the default adds nothing: old keys and ids stay
+    assert parse_spec(dict(BASE, calibration={"fisher": "empirical"})).calibration_settings() == \
+        plain.calibration_settings()
+    assert sampled.calibration_settings() == plain.calibration_settings() | {"fisher": "sampled", "fisher_samples": 1}
+    keys = {prepare.calibration_key(s) for s in (plain, sampled, four)}
+    ids = {expand(s)[0].trial_id for s in (plain, sampled, four)}
+    assert len(keys) == 3 and len(ids) == 3
+    assert len({s.spec_hash for s in (plain, sampled, four)}) == 3
+    assert parse_spec(dict(BASE, calibration={"fisher": "empirical"})).spec_hash == plain.spec_hash
+    for calibration, message in [({"fisher": "true"}, "calibration.fisher"),
+                                 ({"fisher_samples": 4}, "fisher_samples 4 applies to fisher: sampled only"),
+                                 ({"fisher": "sampled", "fisher_samples": 0}, "calibration.fisher_samples")]:
+        with pytest.raises(UserInputError, match=message):
+            parse_spec(dict(BASE, calibration=calibration))
+
+
+def test_a_sweep_calibrates_with_the_fisher_of_its_calibration_section(monkeypatch, tmp_path):
+    from compression.calibration import collect_stats
+
+    monkeypatch.setenv("LRSWEEP_CACHE", str(tmp_path / "cache"))
+    data = dict(BASE, calibration={"samples": 4, "batch_size": 2, "fisher": "sampled", "seed": 3})
+    spec = parse_spec(data)
+    prepared = prepare.stats_for(spec, progress=False)
+    assert prepared.stats.meta["fisher"] == "sampled" and prepared.stats.meta["fisher_samples"] == 1
+    batches = prepare.calibration_batches(spec, prepared.data, prepared.loaded.tokenizer)
+    direct = collect_stats(prepared.loaded.model, batches, progress=False, fisher="sampled", seed=3)
+    empirical = collect_stats(prepared.loaded.model, batches, progress=False)
+    name = next(iter(direct.neuron_fisher))
+    assert torch.equal(prepared.stats.neuron_fisher[name], direct.neuron_fisher[name])
+    assert not torch.equal(direct.neuron_fisher[name], empirical.neuron_fisher[name])
+    again = prepare.stats_for(spec, progress=False)  # from the cache, under the sampled key
+    assert again.calibration_cached and torch.equal(again.stats.neuron_fisher[name], direct.neuron_fisher[name])
 
 
 def test_a_refit_trial_reports_its_seconds_and_exports_to_its_metric(ray_cluster, corpus, env, tmp_path):  # noqa: F811
