@@ -10,6 +10,7 @@ no process of it is left when it ends.
 """
 
 import collections
+import io
 import os
 import signal
 import subprocess
@@ -104,8 +105,8 @@ def _wait_for_rows(driver: subprocess.Popen, table: Path, at_least: int) -> list
     finished: list[str] = []
     while len(finished) < at_least and time.monotonic() < deadline and driver.poll() is None:
         time.sleep(0.2)
-        if table.exists():
-            df = pd.read_parquet(table)
+        if table.exists():  # one read of the bytes: a path read opens the file twice, racing the replace
+            df = pd.read_parquet(io.BytesIO(table.read_bytes()))
             finished = list(df.loc[df["method"] != "dense", "trial_id"])
     assert len(finished) >= at_least and driver.poll() is None, f"the sweep did not get {at_least} trials done"
     return finished
