@@ -10,14 +10,17 @@ torch.utils.benchmark, `--repeats` runs each, interleaved, medians quoted:
   targeted weights only (what calibration differentiates), no statistics: the floor of calibration;
 - forward: the batches through the backbone, no head, no gradients: the floor of a pass without
   gradients;
-- `collect_stats` with gradients (what whiten-fd, whiten-fw and fwsvd need) and without (svd,
-  whiten, id);
+- `collect_stats` with every statistic (what a sweep with fwsvd or whiten-fw calibrates), with
+  the neuron Fisher as its only gradient statistic (no weight gradients: what a sweep of
+  whiten-fd, id-fd or hybrid calibrates) and without gradients (svd, whiten, id);
 - `decompose_model` of every method alone, and of the three whitening methods sharing their
   whitenings (as a sweep's decomposition task does).
 
 Also the relative Frobenius error of the Grams (float32 per batch, float64 total) against Grams
 accumulated in float64 throughout, on the same batches. The last line printed is
-`calibration R.RRx of forward+backward; whiten-fd decomposition R.RRx of forward+backward`.
+`calibration R.RRx of forward+backward; whiten-fd decomposition R.RRx of forward+backward`, for
+a sweep of whiten-fd (its calibration: the neuron Fisher, no weight gradients); the line before
+it gives the calibration with every statistic.
 Writes the "shared cost" section of BENCHMARKS.md unless --no-write.
 """
 
@@ -116,6 +119,8 @@ def main() -> None:
         "forward + backward": timer(forward_backward, model, batches, targets),
         "forward (backbone, no gradients)": timer(forward, model, batches),
         "collect_stats, with gradients": timer(collect_stats, model, batches, progress=False),
+        "collect_stats, neuron Fisher only (no weight gradients)": timer(collect_stats, model, batches,
+                                                                          progress=False, weight_fisher=False),
         "collect_stats, without gradients": timer(collect_stats, model, batches, progress=False, gradients=False),
         **{f"decompose {m}": timer(decompose_model, model, stats, m) for m in METHODS},
         "decompose whiten + whiten-fw + whiten-fd, sharing whitenings": timer(whitening_methods),
@@ -129,8 +134,10 @@ def main() -> None:
     base = med["forward + backward"]
     rows = "\n".join(f"| {name} | {med[name]:.2f} | {med[name] / base:.2f}x | "
                      f"{', '.join(f'{x:.2f}' for x in seconds[name])} |" for name in cases)
-    summary = (f"calibration {med['collect_stats, with gradients'] / base:.2f}x of forward+backward; "
-               f"whiten-fd decomposition {med['decompose whiten-fd'] / base:.2f}x of forward+backward")
+    every = (f"calibration with every statistic (a sweep with fwsvd or whiten-fw) "
+             f"{med['collect_stats, with gradients'] / base:.2f}x of forward+backward")
+    summary = (f"calibration {med['collect_stats, neuron Fisher only (no weight gradients)'] / base:.2f}x of "
+               f"forward+backward; whiten-fd decomposition {med['decompose whiten-fd'] / base:.2f}x of forward+backward")
     body = f"""## Shared cost of a sweep (bench/shared_cost.py)
 
 {machine_line()}
@@ -147,6 +154,8 @@ targeted weights) with no statistics collected.
 Grams (each batch's product in float32, added into float64) against Grams accumulated in float64
 throughout: relative Frobenius error at most {max(errors):.1e} (median {statistics.median(errors):.1e})
 over the {len(errors)} input groups.
+
+{every}; a sweep of whiten-fd:
 
 {summary}
 """

@@ -7,7 +7,9 @@ What is collected (padding tokens, attention_mask == 0, are left out of everythi
   tensor (q/k/v, gate/up) share one Gram, computed once. `tokens[g]` = number of tokens summed.
 - `row_fisher[t]`, `col_fisher[t]`: the empirical weight Fisher F = sum over batches of (dL/dW)^2,
   L = summed loss of the batch, reduced at once to rows (sum_j F_ij, [out]) and input features
-  (sum_i F_ij, [in]); the full F is never stored.
+  (sum_i F_ij, [in]); the full F is never stored. Only with `weight_fisher=True` (the default):
+  without it the backward pass computes no weight gradient at all (the activations' only, a third
+  less work), for methods that read the neuron Fisher alone (whiten-fd, id-fd, hybrid).
 - `neuron_fisher[t]`: g_i = mean over tokens of (dl/dy_i)^2 with l the SUM of the token losses, so the
   gradient at each token is that token's own (not divided by the batch size).
 - With `fisher="sampled"` every Fisher statistic uses labels drawn from the model's own softmax
@@ -142,12 +144,13 @@ class CalibrationStats:
         groups = dict.fromkeys(t.input_group for t in targets)
         meta = json.loads(metadata["meta"])
         fisher = targets if meta.get("gradients", True) else []
+        weight_fisher = fisher if meta.get("weight_fisher", True) else []
         return cls(
             targets=targets,
             grams={g: get(f"gram/{g}") for g in groups},
             tokens={g: int(n) for g, n in json.loads(metadata["tokens"]).items()},
-            row_fisher={t.name: get(f"row_fisher/{t.name}") for t in fisher},
-            col_fisher={t.name: get(f"col_fisher/{t.name}") for t in fisher},
+            row_fisher={t.name: get(f"row_fisher/{t.name}") for t in weight_fisher},
+            col_fisher={t.name: get(f"col_fisher/{t.name}") for t in weight_fisher},
             neuron_fisher={t.name: get(f"neuron_fisher/{t.name}") for t in fisher},
             block_importance=get("block_importance"),
             meta=meta,
@@ -174,11 +177,13 @@ def _describe(t: Target) -> str:
     return f"role {t.role}, block {t.block}, [{t.out_features} x {t.in_features}] {kind}, input group {t.input_group}"
 
 
-def estimate_stats_bytes(model: nn.Module, targets: list[Target] | None = None, gradients: bool = True) -> int:
+def estimate_stats_bytes(model: nn.Module, targets: list[Target] | None = None, gradients: bool = True,
+                         weight_fisher: bool = True) -> int:
     """Bytes `collect_stats` will return, from shapes alone (float64 everywhere)."""
     targets = find_targets(model) if targets is None else targets
     grams = {t.input_group: t.in_features**2 for t in targets}
-    vectors = sum(2 * t.out_features + t.in_features for t in targets) if gradients else 0
+    per_target = (lambda t: 2 * t.out_features + t.in_features) if weight_fisher else (lambda t: t.out_features)
+    vectors = sum(per_target(t) for t in targets) if gradients else 0
     return 8 * (sum(grams.values()) + vectors + len(find_blocks(model)))
 
 
@@ -201,7 +206,7 @@ class _Collector:
     """Hooks and accumulators of one calibration pass."""
 
     def __init__(self, model: nn.Module, targets: list[Target], blocks: list[nn.Module], device: torch.device,
-                 gradients: bool):
+                 gradients: bool, weight_fisher: bool):
         f64 = dict(dtype=torch.float64, device=device)
         self.gradients = gradients
         self.targets = targets
@@ -211,8 +216,9 @@ class _Collector:
                 t.input_group, _Group(frozenset(), torch.zeros(t.in_features, t.in_features, **f64)))
             g.members |= {t.name}
         with_fisher = targets if gradients else []
-        self.row = {t.name: torch.zeros(t.out_features, **f64) for t in with_fisher}
-        self.col = {t.name: torch.zeros(t.in_features, **f64) for t in with_fisher}
+        with_weight_fisher = with_fisher if weight_fisher else []
+        self.row = {t.name: torch.zeros(t.out_features, **f64) for t in with_weight_fisher}
+        self.col = {t.name: torch.zeros(t.in_features, **f64) for t in with_weight_fisher}
         self.neuron = {t.name: torch.zeros(t.out_features, **f64) for t in with_fisher}
         self.cos_sum = torch.zeros(len(blocks), **f64)
         self.cos_count = torch.zeros(len(blocks), **f64)
@@ -222,7 +228,7 @@ class _Collector:
         for t in targets:
             module = get_module(model, t.name)
             self.handles.append(module.register_forward_hook(self._target_hook(t)))
-            if gradients:
+            if gradients and weight_fisher:
                 self.handles.append(module.weight.register_post_accumulate_grad_hook(self._grad_hook(t)))
         for b, block in enumerate(blocks):
             self.handles.append(block.register_forward_hook(self._block_hook(b), with_kwargs=True))
@@ -382,7 +388,7 @@ def _loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], mask: torch.Tens
 def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], task: str = "causal-lm",
                   targets: list[Target] | None = None, progress: bool = True,
                   gradients: bool = True, fisher: str = "empirical", fisher_samples: int = 1,
-                  seed: int = 0) -> CalibrationStats:
+                  seed: int = 0, weight_fisher: bool = True) -> CalibrationStats:
     """One pass over `batches` (dicts with input_ids, attention_mask, and labels for classification).
 
     `fisher="sampled"`: the Fisher statistics from `fisher_samples` label draws per token from the
@@ -391,7 +397,9 @@ def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], 
 
     `targets` defaults to `find_targets(model)`. `gradients=False`: a forward pass through the
     backbone only, for methods that need no Fisher statistics (the Grams, token counts and block
-    importance are the same). Returns the statistics on the CPU.
+    importance are the same). `weight_fisher=False`: no row and column weight Fisher, and so no
+    weight gradients: the backward pass starts from the input embeddings' output and computes the
+    activations' gradients only (the neuron Fisher is the same). Returns the statistics on the CPU.
     """
     if task not in TASKS:
         raise UserInputError(f"task {task!r}: allowed {', '.join(TASKS)}")
@@ -416,6 +424,7 @@ def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], 
     n_batches = n_sequences = seq_len = 0
     backbone = model if gradients else getattr(model, "base_model", model)
     collector = None
+    handles = []
     generator = None
     if gradients and fisher == "sampled":
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -425,10 +434,13 @@ def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], 
         model.zero_grad(set_to_none=True)
         for p in params:
             p.requires_grad_(False)
-        if gradients:
+        if gradients and weight_fisher:
             for t in targets:
                 get_module(model, t.name).weight.requires_grad_(True)
-        collector = _Collector(model, targets, blocks, device, gradients)  # after: it hooks the gradients
+        elif gradients:  # the embeddings' output is the one leaf that needs a gradient
+            handles.append(model.get_input_embeddings().register_forward_hook(
+                lambda module, args, output: output.requires_grad_()))
+        collector = _Collector(model, targets, blocks, device, gradients, weight_fisher)  # after: it hooks the gradients
         with torch.set_grad_enabled(gradients):
             for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -450,6 +462,8 @@ def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], 
                 n_sequences += batch["input_ids"].shape[0]
                 seq_len = max(seq_len, batch["input_ids"].shape[1])
     finally:
+        for h in handles:
+            h.remove()
         if collector is not None:
             collector.remove()
         for p, flag in zip(params, flags):
@@ -469,6 +483,7 @@ def collect_stats(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], 
         "seconds": round(time.perf_counter() - start, 3),
         "gradients": gradients,
         **({"fisher": fisher, "fisher_samples": draws} if generator is not None else {}),
+        **({"weight_fisher": False} if gradients and not weight_fisher else {}),
         "device": str(device),
         "block_importance": "block influence: 1 - mean cos(h_in, h_out)",
     }

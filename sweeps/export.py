@@ -81,14 +81,15 @@ def _statistics(spec, key: str):
     """(statistics, task-finetuned dense weights or None, the loaded dense model or None) of
     calibration key `key`: from the cache, else computed again when the sweep's settings still give
     `key` (which loads the model, returned so it is not loaded twice)."""
-    from sweeps.prepare import cached_dense_weights, cached_stats, calibration_cache, calibration_key, stats_for
+    from sweeps.prepare import (cached_dense_weights, cached_stats, calibration_cache, calibration_key,
+                                calibration_keys, stats_for)
 
     folder = calibration_cache()
     stats = cached_stats(key)
     dense = cached_dense_weights(key) if spec.task.type == "classification" else None
     if stats is not None and (dense is not None or spec.task.type != "classification"):
         return stats, dense, None
-    if key not in (calibration_key(spec), calibration_key(spec, gradients=True)):
+    if key not in calibration_keys(spec):
         raise UserInputError(
             f"the calibration statistics {key} of this trial are not in the cache ({folder}), and the "
             f"sweep's model or data changed since (its settings now give key {calibration_key(spec)}), so "

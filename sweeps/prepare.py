@@ -135,17 +135,29 @@ def needs_gradients(spec: SweepSpec) -> bool:
     return any(m.needs_gradients for m in method_configs(spec))
 
 
-def calibration_key(spec: SweepSpec, gradients: bool | None = None) -> str:
+def needs_weight_fisher(spec: SweepSpec) -> bool:
+    """Whether a method of the sweep reads the weight Fisher (the weights' gradients in that pass)."""
+    return any(m.needs_weight_fisher for m in method_configs(spec))
+
+
+# what a calibration pass collects, the most first: (gradients, weight_fisher)
+PASSES = ((True, True), (True, False), (False, False))
+
+
+def calibration_key(spec: SweepSpec, gradients: bool | None = None, weight_fisher: bool | None = None) -> str:
     """What the statistics depend on: model, task data and dense finetune, calibration settings
-    (and, for local `path:` sources, their files' sizes and times), and whether the pass had
-    gradients (default: whether the sweep needs them)."""
+    (and, for local `path:` sources, their files' sizes and times), and what the pass collected:
+    gradients, and the weight Fisher among them (default: what the sweep needs)."""
     gradients = needs_gradients(spec) if gradients is None else gradients
+    weight_fisher = needs_weight_fisher(spec) if weight_fisher is None else weight_fisher
     task = spec.task_settings()
     cal = spec.calibration_settings()
     body = {"format": _CACHE_FORMAT, "model": spec.model, "seed": spec.seed, "calibration": cal,
             "task": task["type"], "files": [_stamp(spec.model), _stamp(cal["source"])]}
-    if not gradients:  # keys of statistics with gradients are what they always were
+    if not gradients:  # keys of the full statistics are what they always were
         body["gradients"] = False
+    elif not weight_fisher:
+        body["weight_fisher"] = False
     if spec.task.type == "classification":
         body["task"] = {k: task[k] for k in ("type", "train", "text_column", "label_column", "max_length",
                                              "train_examples", "dense_finetune")}
@@ -230,7 +242,7 @@ def check_stats_memory(spec: SweepSpec, model) -> int:
     """Estimate the calibration statistics of `model` from its shapes, log it, and raise a
     UserInputError (before anything is computed) when it is above `limits.stats_memory_gb`, or
     by default above half the available memory. Returns the estimate in bytes."""
-    need = estimate_stats_bytes(model, gradients=needs_gradients(spec))
+    need = estimate_stats_bytes(model, gradients=needs_gradients(spec), weight_fisher=needs_weight_fisher(spec))
     limit_gb = spec.limits.stats_memory_gb
     if limit_gb is None:
         free = available_memory()
@@ -301,40 +313,48 @@ def _dense_weights(spec: SweepSpec, loaded: LoadedModel, data: dict, key: str, t
     return {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
 
 
+def calibration_keys(spec: SweepSpec) -> list[str]:
+    """The keys of every pass of the sweep's settings (`PASSES`), the most collected first."""
+    return [calibration_key(spec, *p) for p in PASSES]
+
+
 def cache_key(spec: SweepSpec) -> str:
-    """The calibration key the sweep uses: its own, or, for a sweep that needs no gradients, that
-    of cached statistics of a pass with gradients (a superset) when there are some."""
+    """The calibration key the sweep uses: its own when cached, else that of cached statistics of a
+    pass that collected more (a superset: with gradients, or with the weight Fisher too), else its own."""
     key = calibration_key(spec)
-    if needs_gradients(spec):
-        return key
-    full = calibration_key(spec, gradients=True)
     folder = calibration_cache()
-    return full if (folder / f"{full}.safetensors").is_file() and not (folder / f"{key}.safetensors").is_file() else key
+    if (folder / f"{key}.safetensors").is_file():
+        return key
+    keys = calibration_keys(spec)
+    return next((k for k in keys[:keys.index(key)] if (folder / f"{k}.safetensors").is_file()), key)
 
 
-def _fisher(spec: SweepSpec) -> dict:
-    """`collect_stats`' Fisher arguments from the sweep's calibration section."""
+def _pass_settings(spec: SweepSpec, key: str) -> dict:
+    """`collect_stats`' arguments for the statistics of calibration key `key`: what that key's pass
+    collects (`PASSES`) and the sweep's Fisher settings."""
+    gradients, weight_fisher = next(p for p, k in zip(PASSES, calibration_keys(spec)) if k == key)
     cal = spec.calibration
-    return {"fisher": cal.fisher, "fisher_samples": cal.fisher_samples, "seed": spec.calibration_settings()["seed"]}
+    return {"gradients": gradients, "weight_fisher": weight_fisher, "fisher": cal.fisher,
+            "fisher_samples": cal.fisher_samples, "seed": spec.calibration_settings()["seed"]}
 
 
 def _calibration_task(model_source: str, task: str, num_labels: int | None, seed: int, dense_state,
-                      batches: list[dict[str, torch.Tensor]], gradients: bool, fisher: dict) -> CalibrationStats:
+                      batches: list[dict[str, torch.Tensor]], settings: dict) -> CalibrationStats:
     """Runs in a Ray worker with a GPU: the calibration pass there (statistics back on the CPU)."""
     loaded = load_model(model_source, task=task, num_labels=num_labels, seed=seed)
     if dense_state is not None:
         loaded.model.load_state_dict(dense_state)
-    return collect_stats(loaded.model.to("cuda"), batches, task=task, progress=False, gradients=gradients, **fisher)
+    return collect_stats(loaded.model.to("cuda"), batches, task=task, progress=False, **settings)
 
 
-def _collect(spec: SweepSpec, loaded: LoadedModel, data: dict, batches, gradients: bool, progress: bool
+def _collect(spec: SweepSpec, loaded: LoadedModel, data: dict, batches, settings: dict, progress: bool
              ) -> CalibrationStats:
-    """The calibration pass on a GPU when the sweep reserves one: this machine's, or else (a CPU
-    head node of a cluster) a GPU worker's through Ray; on the CPU otherwise."""
+    """The calibration pass (`collect_stats(**settings)`) on a GPU when the sweep reserves one: this
+    machine's, or else (a CPU head node of a cluster) a GPU worker's through Ray; on the CPU otherwise."""
     if spec.resources.gpu > 0 and torch.cuda.is_available():
         try:
             return collect_stats(loaded.model.to("cuda"), batches, task=spec.task.type, progress=progress,
-                                 gradients=gradients, **_fisher(spec))
+                                 **settings)
         finally:
             loaded.model.to("cpu")
     if spec.resources.gpu > 0 and ray.is_initialized():
@@ -343,16 +363,15 @@ def _collect(spec: SweepSpec, loaded: LoadedModel, data: dict, batches, gradient
         task = ray.remote(num_gpus=spec.resources.gpu, num_cpus=spec.resources.cpu,
                           max_retries=spec.limits.retries)(_calibration_task)
         return ray.get(task.remote(spec.model, spec.task.type, data.get("num_labels"), spec.seed, dense_state,
-                                   batches, gradients, _fisher(spec)))
-    return collect_stats(loaded.model, batches, task=spec.task.type, progress=progress, gradients=gradients,
-                         **_fisher(spec))
+                                   batches, settings))
+    return collect_stats(loaded.model, batches, task=spec.task.type, progress=progress, **settings)
 
 
 def _statistics(spec: SweepSpec, loaded: LoadedModel, data: dict, key: str, progress: bool
                 ) -> tuple[CalibrationStats, bool, float]:
     """(statistics of key `key`, whether they came from the cache, seconds)."""
     folder = calibration_cache()
-    gradients = needs_gradients(spec)
+    settings = _pass_settings(spec, key)  # what the key promises, also when it is a superset's
     path = folder / f"{key}.safetensors"
     start = time.perf_counter()
     stats = cached_stats(key, loaded.model)
@@ -361,14 +380,16 @@ def _statistics(spec: SweepSpec, loaded: LoadedModel, data: dict, key: str, prog
         log.info(f"calibration: reused {path}")
     else:
         batches = calibration_batches(spec, data, loaded.tokenizer)
-        stats = _collect(spec, loaded, data, batches, gradients, progress)
+        stats = _collect(spec, loaded, data, batches, settings, progress)
         tensors, metadata = stats.to_tensors()
         _save_atomic(tensors, path, metadata)
         write_file(str(folder), f"{key}.json", json.dumps(
             {"key": key, "model": spec.model, "task": spec.task.type, "calibration": spec.calibration_settings(),
              "meta": stats.meta}, indent=2).encode())
-        log.info(f"calibration: {stats.meta.get('sequences')} sequences in {stats.meta.get('seconds')} s"
-                 f"{'' if gradients else ' (forward only: no method of the sweep needs gradients)'}, saved to {path}")
+        scope = ("" if settings["weight_fisher"] else " (no weight gradients: no method of the sweep reads "
+                 "the weight Fisher)") if settings["gradients"] else " (forward only: no method of the sweep needs gradients)"
+        log.info(f"calibration: {stats.meta.get('sequences')} sequences in {stats.meta.get('seconds')} s{scope}, "
+                 f"saved to {path}")
     return stats, cached, time.perf_counter() - start
 
 

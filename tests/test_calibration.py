@@ -289,6 +289,36 @@ def test_a_pass_without_gradients_gives_the_same_grams_and_no_fisher(arch, task,
         decompose_model(model, light, "whiten-fd")
 
 
+@pytest.mark.parametrize("arch, task", [("llama", "causal-lm"), ("gemma3", "causal-lm"), ("bert", "classification")])
+def test_a_pass_without_weight_gradients_gives_the_same_neuron_fisher(arch, task, tmp_path):
+    """weight_fisher=False differentiates the activations only: the same Grams, block importance and
+    (bitwise) neuron Fisher, no weight Fisher; fwsvd / whiten-fw say so, whiten-fd decomposes."""
+    from compression.apply import decompose_model
+
+    model = tiny_model(arch, "classification" if task == "classification" else "causal-lm")
+    batches = tiny_batches(model, n_batches=2, batch=3, seq_len=12, seed=1)
+    if task == "classification":
+        batches = [dict(b, labels=torch.tensor([0, 2, 1])) for b in batches]
+    flags = [p.requires_grad for p in model.parameters()]
+    full = collect_stats(model, batches, task, progress=False)
+    light = collect_stats(model, batches, task, progress=False, weight_fisher=False)
+    assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
+    assert light.meta["weight_fisher"] is False and "weight_fisher" not in full.meta and light.has_gradients
+    assert not light.row_fisher and not light.col_fisher and set(light.neuron_fisher) == set(full.neuron_fisher)
+    assert all(torch.equal(light.neuron_fisher[n], full.neuron_fisher[n]) for n in full.neuron_fisher)
+    assert all(torch.equal(light.grams[g], full.grams[g]) for g in full.grams)
+    assert torch.equal(light.block_importance, full.block_importance)
+    assert light.nbytes() == estimate_stats_bytes(model, weight_fisher=False) < full.nbytes()
+    tensors, metadata = light.to_tensors()
+    save_file(tensors, tmp_path / "s.safetensors", metadata=metadata)
+    again = CalibrationStats.from_tensors(load_file(tmp_path / "s.safetensors"), metadata)
+    assert not again.row_fisher and set(again.neuron_fisher) == set(light.neuron_fisher)
+    assert decompose_model(model, light, "whiten-fd")
+    for method, needed in (("fwsvd", "col_fisher"), ("whiten-fw", "row_fisher")):
+        with pytest.raises(UserInputError, match=f"needs the calibration statistic '{needed}'"):
+            decompose_model(model, light, method)
+
+
 def test_sampled_fisher_is_seeded_and_leaves_the_grams_alone():
     model = tiny_model("llama", "causal-lm")
     batches = tiny_batches(model, n_batches=2, batch=2, seq_len=8, seed=0)

@@ -65,6 +65,7 @@ class LayerStats:
 
 STAT_FIELDS = ("gram", "row_fisher", "col_fisher", "neuron_fisher")
 GRADIENT_STATS = ("row_fisher", "col_fisher", "neuron_fisher")  # need the backward pass
+WEIGHT_FISHER_STATS = ("row_fisher", "col_fisher")  # need the weights' gradients too
 
 
 @runtime_checkable
@@ -165,6 +166,11 @@ class MethodConfig:
     def needs_gradients(self) -> bool:
         """Whether the statistics this method reads need the calibration's backward pass."""
         return any(s in GRADIENT_STATS for s in self.needs)
+
+    @property
+    def needs_weight_fisher(self) -> bool:
+        """Whether this method reads the weight Fisher (the weights' gradients in that pass)."""
+        return any(s in WEIGHT_FISHER_STATS for s in self.needs)
 
     def to_dict(self) -> dict:
         """{"name": ..., "options": {...}}; `MethodConfig.from_dict` reads it back."""
