@@ -8,8 +8,8 @@ What is collected (padding tokens, attention_mask == 0, are left out of everythi
 - `row_fisher[t]`, `col_fisher[t]`: the empirical weight Fisher F = sum over batches of (dL/dW)^2,
   L = summed loss of the batch, reduced at once to rows (sum_j F_ij, [out]) and input features
   (sum_i F_ij, [in]); the full F is never stored. Only with `weight_fisher=True` (the default):
-  without it the backward pass computes no weight gradient at all (the activations' only, a third
-  less work), for methods that read the neuron Fisher alone (whiten-fd, id-fd, hybrid).
+  without it the backward pass computes no weight gradient at all (the activations' only: 38 s
+  against 42 s on SmolLM2), for methods that read the neuron Fisher alone (whiten-fd, id-fd, hybrid).
 - `neuron_fisher[t]`: g_i = mean over tokens of (dl/dy_i)^2 with l the SUM of the token losses, so the
   gradient at each token is that token's own (not divided by the batch size).
 - With `fisher="sampled"` every Fisher statistic uses labels drawn from the model's own softmax

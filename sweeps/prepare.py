@@ -140,8 +140,10 @@ def needs_weight_fisher(spec: SweepSpec) -> bool:
     return any(m.needs_weight_fisher for m in method_configs(spec))
 
 
-# what a calibration pass collects, the most first: (gradients, weight_fisher)
-PASSES = ((True, True), (True, False), (False, False))
+# what a calibration pass collects, the most first: (gradients, weight_fisher) -> what the log says of it
+PASSES = {(True, True): "",
+          (True, False): " (no weight gradients: no method of the sweep reads the weight Fisher)",
+          (False, False): " (forward only: no method of the sweep needs gradients)"}
 
 
 def calibration_key(spec: SweepSpec, gradients: bool | None = None, weight_fisher: bool | None = None) -> str:
@@ -386,8 +388,7 @@ def _statistics(spec: SweepSpec, loaded: LoadedModel, data: dict, key: str, prog
         write_file(str(folder), f"{key}.json", json.dumps(
             {"key": key, "model": spec.model, "task": spec.task.type, "calibration": spec.calibration_settings(),
              "meta": stats.meta}, indent=2).encode())
-        scope = ("" if settings["weight_fisher"] else " (no weight gradients: no method of the sweep reads "
-                 "the weight Fisher)") if settings["gradients"] else " (forward only: no method of the sweep needs gradients)"
+        scope = PASSES[settings["gradients"], settings["weight_fisher"]]
         log.info(f"calibration: {stats.meta.get('sequences')} sequences in {stats.meta.get('seconds')} s{scope}, "
                  f"saved to {path}")
     return stats, cached, time.perf_counter() - start
