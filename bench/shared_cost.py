@@ -52,9 +52,9 @@ def forward_backward(model, batches, targets) -> None:
     for w in weights:
         w.requires_grad_(True)
     for batch in batches:
-        ids = batch["input_ids"]
+        labels = F.pad(batch["input_ids"][:, 1:], (0, 1), value=-100)  # the last position predicts nothing
         logits = model(**batch).logits
-        F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").backward()
+        F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").backward()
         for w in weights:
             w.grad = None
     for p in model.parameters():

@@ -42,6 +42,7 @@ KINDS = ("full", "lora")
 LOSSES = ("lm", "distill")
 PRECISIONS = ("float32", "bf16", "fp16")
 TRAIN_LAYERS = ("all", "compressed")
+IGNORE = -100  # the target of a position that predicts nothing (cross_entropy's ignore_index)
 # Bumped when the same settings train differently (part of the cache key of task-finetuned dense
 # weights). 2: transformers' schedules, whose warmup starts at lr 0.
 FINETUNE_FORMAT = 2
@@ -309,27 +310,31 @@ def finetune(
         """Model inputs, the targets, number of loss terms, number of input tokens."""
         if task == "causal-lm":
             ids = train_data[indices].to(device=device, dtype=torch.long)
-            return {"input_ids": ids, "use_cache": False}, ids[:, 1:], ids.shape[0] * (ids.shape[1] - 1), ids.numel()
+            following = F.pad(ids[:, 1:], (0, 1), value=IGNORE)  # the last position predicts nothing
+            return {"input_ids": ids, "use_cache": False}, following, ids.shape[0] * (ids.shape[1] - 1), ids.numel()
         enc = tokenize(tokenizer, [train_data[i][0] for i in indices], config.max_length, device)
         labels = torch.tensor([train_data[i][1] for i in indices], device=device)
         tokens = int(enc["attention_mask"].sum()) if "attention_mask" in enc else enc["input_ids"].numel()
         return enc, labels, len(indices), tokens
 
     def predicting(logits: torch.Tensor) -> torch.Tensor:
-        """The logits that predict the targets (causal LM: all positions but the last)."""
+        """The logits that predict a next token (causal LM: all positions but the last)."""
         return logits[:, :-1] if task == "causal-lm" else logits
 
     def summed_loss(inputs: dict, targets: torch.Tensor) -> torch.Tensor:
-        """The loss summed over the micro-batch's loss terms (see FinetuneConfig for the mix)."""
-        logits = predicting(logits_of(model(**inputs)))
+        """The loss summed over the micro-batch's loss terms (see FinetuneConfig for the mix). The
+        cross-entropy reads the logits whole (the last position's target is ignored): slicing
+        [batch, len, vocab] logits copies them and zero-fills their size again in the backward pass."""
+        logits = logits_of(model(**inputs))
         lm_weight = config.lm_weight if distill else 1.0
         loss = torch.zeros((), device=device)
         if lm_weight > 0:
-            cross_entropy = F.cross_entropy(upcast(logits).flatten(0, -2), targets.flatten(), reduction="sum")
+            cross_entropy = F.cross_entropy(upcast(logits).flatten(0, -2), targets.flatten(), ignore_index=IGNORE,
+                                            reduction="sum")
             loss = loss + lm_weight * cross_entropy
         if distill and lm_weight < 1:
             taught = predicting(teacher_logits(teacher, inputs, autocast))
-            loss = loss + (1 - lm_weight) * distillation_loss(logits, taught, config.temperature)
+            loss = loss + (1 - lm_weight) * distillation_loss(predicting(logits), taught, config.temperature)
         return loss
 
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
