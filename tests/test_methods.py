@@ -317,13 +317,17 @@ def test_results_stay_on_the_weight_device():
     assert torch.equal(kept.cpu(), kept_cpu)
 
 
+@pytest.mark.parametrize("block", [128, 5], ids=["one-block", "blocks"])
 @pytest.mark.parametrize("shape", [(12, 30), (30, 12), (20, 20)], ids=["wide", "tall", "square"])
 @pytest.mark.parametrize("right", ["none", "diagonal", "whitening"])
-def test_the_smaller_side_gives_the_svd_of_m(shape, right):
-    """U and Sigma from M M^T (wide) or from M^T M and a QR (tall) are those of a direct SVD of
-    M = L W R, and the rank-k product is the SVD's truncation pulled back through L."""
+def test_the_smaller_side_gives_the_svd_of_m(shape, right, block, monkeypatch):
+    """U and Sigma from M M^T (wide) or from M^T M (tall) are those of a direct SVD of M = L W R,
+    and the rank-k product is the SVD's truncation pulled back through L; also when the
+    triangular products run in several blocks."""
+    from compression.methods import factors
     from compression.methods.factors import weighted_svd
 
+    monkeypatch.setattr(factors, "_BLOCK", block)
     m, n = shape
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(m, n, generator=gen, dtype=F64)
@@ -341,6 +345,40 @@ def test_the_smaller_side_gives_the_svd_of_m(shape, right):
         a, b = d.truncate(k, F64)
         best = (u[:, :k] * s[:k]) @ vh[:k]  # Eckart-Young in the weighted space
         torch.testing.assert_close((row[:, None] * (a @ b)) @ dense_r, best, rtol=1e-8, atol=1e-9 * float(s[0]))
+
+
+def test_the_triangular_products_are_the_full_products():
+    from compression.methods.factors import _lower_product, _times_lower
+
+    gen = torch.Generator().manual_seed(3)
+    for m, n in ((300, 200), (128, 64), (7, 300)):
+        a, b = torch.randn(m, n, generator=gen, dtype=F64), torch.randn(m, n, generator=gen, dtype=F64)
+        lower = _lower_product(a, b)
+        full = a @ b.T
+        torch.testing.assert_close(torch.tril(lower), torch.tril(full), rtol=1e-13, atol=1e-12)
+        tri = torch.tril(torch.randn(n, n, generator=gen, dtype=F64))
+        torch.testing.assert_close(_times_lower(a, tri), a @ tri, rtol=1e-13, atol=1e-12)
+
+
+def test_the_orthonormal_factor_of_m_v_spans_its_columns_in_order():
+    """Normalised columns where sigma is large, a QR completion where it is small or zero: U is
+    orthonormal and its first j columns span the first j columns of M V, for every j."""
+    from compression.methods.factors import _orthonormal
+
+    gen = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(60, 20, generator=gen, dtype=F64))
+    v, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=F64))
+    sigma = torch.cat([torch.logspace(0, -2.5, 12, dtype=F64), torch.logspace(-4, -12, 5, dtype=F64),
+                       torch.zeros(3, dtype=F64)])  # large, small, zero
+    mv = (q * sigma) @ v.T @ v  # M V = U Sigma, with round-off
+    u = _orthonormal(mv)
+    torch.testing.assert_close(u.T @ u, torch.eye(20, dtype=F64), rtol=0, atol=1e-12)
+    for j in range(1, 21):
+        part = mv[:, :j]
+        torch.testing.assert_close(u[:, :j] @ (u[:, :j].T @ part), part, rtol=0, atol=1e-13)
+    torch.testing.assert_close(u[:, :12].abs(), q[:, :12].abs(), rtol=0, atol=1e-12)  # the normalised columns
+    zero = _orthonormal(torch.zeros(6, 3, dtype=F64))
+    torch.testing.assert_close(zero.T @ zero, torch.eye(3, dtype=F64))
 
 
 def test_whitening_is_the_regularised_gram_and_never_fails():
