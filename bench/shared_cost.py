@@ -21,6 +21,8 @@ accumulated in float64 throughout, on the same batches. The last line printed is
 `calibration R.RRx of forward+backward; whiten-fd decomposition R.RRx of forward+backward`, for
 a sweep of whiten-fd (its calibration: the neuron Fisher, no weight gradients); the line before
 it gives the calibration with every statistic.
+The process keeps large freed tensors for reuse (`trainables.memory.keep_freed_memory`), as a
+sweep's driver and trials do: the floor and calibration alike.
 Writes the "shared cost" section of BENCHMARKS.md unless --no-write.
 """
 
@@ -38,6 +40,7 @@ from compression.apply import decompose_model
 from compression.calibration import collect_stats
 from compression.methods import METHODS
 from compression.targets import find_targets, get_module
+from trainables.memory import keep_freed_memory
 from trainables.sources import draw_windows, load_model
 
 MODEL, CALIBRATION = "packaged:smollm2-135m", "packaged:wiki"
@@ -94,6 +97,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    keep_freed_memory()
 
     loaded = load_model(MODEL)
     model = loaded.model

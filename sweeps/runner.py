@@ -38,6 +38,7 @@ from sweeps.tracking import tracking_callbacks
 from sweeps.trials import check_resources, expand, local_resources, optuna_choices, trial_count
 from sweeps.tuning import make_tuner, trial_id
 from trainables.contract import TrialRow
+from trainables.memory import keep_freed_memory
 from trainables.trial import Shared
 
 log = logging.getLogger("lrsweep")
@@ -157,6 +158,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, resume: bool = False,
         res = ray.cluster_resources()
         check_resources(spec, res.get("CPU", 0), res.get("GPU", 0), where="the running Ray cluster")
 
+    keep_freed_memory()  # calibration and the dense baseline run in this process
     wall = time.perf_counter()
     kept = _kept_rows(spec, directory) if (resume and stored) else []
     # a resumed Optuna study goes on from its journal (read now: a damaged one stops the sweep before

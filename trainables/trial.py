@@ -28,12 +28,9 @@ made on the CPU from the decompositions' loss curves, which is cheap and device-
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 import traceback
@@ -55,6 +52,7 @@ from trainables.adapters import Healing
 from trainables.contract import TrialConfig, TrialRow
 from trainables.evaluation import evaluate
 from trainables.finetune import FinetuneConfig, finetune
+from trainables.memory import keep_freed_memory, release_memory
 from trainables.sources import LoadedModel, load_model
 
 CHECKPOINT_WEIGHTS = "weights.safetensors"  # the finetuned parameters, in a trial's Tune checkpoint
@@ -164,6 +162,7 @@ def trainable(config: dict, shared: Shared) -> None:
     Grid sweeps pass each whole trial config as one grid value under "trial"; Optuna sweeps pass
     it flat (constants plus what Optuna chose): `TrialConfig.from_dict` reads both."""
     trial = TrialConfig.from_dict(config)
+    keep_freed_memory()
     row = shared.first_row(trial)
     try:
         _run(trial, shared, row)
@@ -173,24 +172,7 @@ def trainable(config: dict, shared: Shared) -> None:
         print(f"trial {row.trial_id} failed:\n{traceback.format_exc()}", flush=True)
         _report(row, "final", status="error", error=f"{type(e).__name__}: {e}", metric=math.nan)
     finally:
-        _release_memory()
-
-
-def _release_memory() -> None:
-    """Give a finished trial's memory back before the reused actor runs the next trial.
-
-    Without this the quickstart's two reused SmolLM2 workers grew by ~1.4 GB per trial (node
-    memory 10 -> 19 GB over 10 trials) until Ray's memory monitor killed one; with it node memory
-    stayed flat at ~10 GB. Two causes are covered: modules and optimizer state in reference
-    cycles, which only the cyclic collector frees, and freed tensor memory that glibc keeps in
-    its heap until trimmed.
-    """
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:  # not glibc (e.g. musl): nothing to trim
-            pass
+        release_memory()
 
 
 def _run(config: TrialConfig, shared: Shared, row: TrialRow) -> None:
