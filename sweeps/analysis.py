@@ -278,7 +278,7 @@ def best_of_each_method(df: pd.DataFrame) -> pd.DataFrame:
 
 # Finetune settings that name a recipe when they differ between trials (kind and loss always do).
 _RECIPE_SETTINGS = ("steps", "lr", "batch_size", "grad_accum", "schedule", "warmup_steps", "warmup_ratio",
-                    "weight_decay", "max_grad_norm", "lora_alpha", "lora_dropout", "lm_weight", "precision")
+                    "weight_decay", "max_grad_norm", "lora_alpha", "lora_dropout", "lm_weight", "precision", "cpu_precision")
 
 
 def recipe_label(settings: dict, extra: tuple[str, ...] = ()) -> str:

@@ -3,7 +3,7 @@ and the finetune values a grid block varies or an Optuna study samples.
 
 The `finetune:` section (`sweeps.spec.Finetune`) takes `HealingSettings`' fields besides the
 optimizer's: kind (full / lora), the LoRA rank, alpha and dropout, the loss (lm / distill), the
-distillation temperature and LM weight, precision, gradient checkpointing; `train` picks the
+distillation temperature and LM weight, precision (CUDA) and cpu_precision, gradient checkpointing; `train` picks the
 layers (`trainables.adapters`). A grid block's `finetune:` mapping varies any of them (and the
 optimizer settings: steps, lr, batch_size, ...):
 
@@ -28,7 +28,7 @@ from pydantic import BaseModel, BeforeValidator, Field
 
 from compression.errors import UserInputError
 from sweeps.section import Section
-from trainables.finetune import KINDS, LOSSES, PRECISIONS, FinetuneConfig, applies, check_train
+from trainables.finetune import CPU_PRECISIONS, KINDS, LOSSES, PRECISIONS, FinetuneConfig, applies, check_train
 
 _DEFAULT = FinetuneConfig()
 # Finetune settings a grid block may vary: all but those the sweep sets itself (seed, max_length)
@@ -62,6 +62,8 @@ class HealingSettings(Section):
     lm_weight: float = Field(_DEFAULT.lm_weight, ge=0, le=1, description="share of the LM loss in a distillation")
     precision: Literal[PRECISIONS] = Field(_DEFAULT.precision, description="autocast dtype on CUDA (float32 on CPU)")  # type: ignore[valid-type]
     gradient_checkpointing: bool = _DEFAULT.gradient_checkpointing
+    cpu_precision: Literal[CPU_PRECISIONS] = Field(_DEFAULT.cpu_precision, description="float32, or bf16 autocast "  # type: ignore[valid-type]
+                                                   "on the CPU (fast with AVX512-BF16 or AMX)")
 
 
 def check_values(values: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ precision and gradient checkpointing, and a trial's finetune stage (its curve, a
 evaluated weights kept, also when the trial is stopped early)."""
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -212,6 +213,33 @@ def test_half_precision_trains_in_float32_on_the_cpu():
                                                                        precision=precision)).losses
 
     assert run("bf16") == run("float32") == run("fp16")
+
+
+def test_cpu_bf16_autocasts_student_and_teacher_and_trains():
+    model = tiny_model("llama")
+    teacher = copy.deepcopy(model)
+    seen = {}
+
+    def record(name):
+        return lambda module, args, output: seen.setdefault(name, set()).add(output.dtype)
+
+    get_module(model, "model.layers.0.mlp.down_proj").register_forward_hook(record("student"))
+    get_module(teacher, "model.layers.0.mlp.down_proj").register_forward_hook(record("teacher"))
+    data = (torch.arange(16) + torch.randint(0, 50, (32, 1), generator=torch.Generator().manual_seed(0))) % 100
+    config = FinetuneConfig(steps=30, lr=3e-3, batch_size=8, cpu_precision="bf16", loss="distill", lm_weight=0.5)
+    result = finetune(model, "causal-lm", data, config, teacher=teacher)
+    assert seen == {"student": {torch.bfloat16}, "teacher": {torch.bfloat16}}
+    assert all(math.isfinite(x) for x in result.losses)
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay float32
+    float32 = finetune(tiny_model("llama"), "causal-lm", data, dataclasses.replace(config, cpu_precision="float32"),
+                       teacher=teacher).losses
+    assert result.losses[0] == pytest.approx(float32[0], rel=0.05) and result.losses != float32
+
+
+def test_cpu_precision_names_what_is_allowed():
+    with pytest.raises(UserInputError, match="cpu_precision 'fp16'.*allowed: float32, bf16"):
+        FinetuneConfig(cpu_precision="fp16")
 
 
 @cuda

@@ -33,7 +33,7 @@ def test_sweeps_without_recipes_keep_their_trial_ids_and_hash():
     assert quickstart.spec_hash.startswith("72a8ff960c105f82")
     # the new settings spelt out at their defaults (or not applying) are the same sweep
     plain = parse_spec(spec_with(finetune={"steps": 3}))
-    spelt = parse_spec(spec_with(finetune={"steps": 3, "kind": "full", "loss": "lm", "precision": "float32",
+    spelt = parse_spec(spec_with(finetune={"steps": 3, "kind": "full", "loss": "lm", "precision": "float32", "cpu_precision": "float32",
                                            "lora_rank": 64, "temperature": 5.0}))
     assert [t.trial_id for t in expand(spelt)] == [t.trial_id for t in expand(plain)]
     assert spelt.spec_hash == plain.spec_hash
@@ -126,7 +126,8 @@ def test_bad_finetune_values_name_their_field(case):
 
 def test_bad_section_settings_name_their_field():
     for finetune, expected in (({"kind": "adapter"}, "finetune.kind"), ({"train": "attention"}, "finetune.train"),
-                               ({"lm_weight": 1.5}, "finetune.lm_weight"), ({"precision": "int8"}, "finetune.precision")):
+                               ({"lm_weight": 1.5}, "finetune.lm_weight"), ({"precision": "int8"}, "finetune.precision"),
+                               ({"cpu_precision": "fp16"}, "finetune.cpu_precision")):
         with pytest.raises(UserInputError, match=expected):
             parse_spec(spec_with(finetune=finetune))
     roles = parse_spec(spec_with(finetune={"steps": 1, "train": ["q", "v", "down"]}))
