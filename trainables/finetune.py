@@ -44,7 +44,7 @@ KINDS = ("full", "lora")
 LOSSES = ("lm", "distill")
 PRECISIONS = ("float32", "bf16", "fp16")
 CPU_PRECISIONS = ("float32", "bf16")  # fp16 autocast is not a CPU path
-log = logging.getLogger(__name__)
+log = logging.getLogger("lrsweep")
 TRAIN_LAYERS = ("all", "compressed")
 IGNORE = -100  # the target of a position that predicts nothing (cross_entropy's ignore_index)
 # Bumped when the same settings train differently (part of the cache key of task-finetuned dense
