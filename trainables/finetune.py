@@ -37,6 +37,7 @@ from trainables.evaluation import (
     tokenize,
     upcast,
 )
+from trainables.head_loss import IGNORE, chunked_cross_entropy, split_head
 
 SCHEDULES = ("cosine", "linear", "constant")
 _SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # transformers' names
@@ -46,7 +47,7 @@ PRECISIONS = ("float32", "bf16", "fp16")
 CPU_PRECISIONS = ("float32", "bf16")  # fp16 autocast is not a CPU path
 log = logging.getLogger("lrsweep")
 TRAIN_LAYERS = ("all", "compressed")
-IGNORE = -100  # the target of a position that predicts nothing (cross_entropy's ignore_index)
+_HEAD_CHECK_TOKENS = 16  # the tokens on which the split into backbone and output layer is checked
 # Bumped when the same settings train differently (part of the cache key of task-finetuned dense
 # weights). 2: transformers' schedules, whose warmup starts at lr 0.
 FINETUNE_FORMAT = 2
@@ -335,12 +336,20 @@ def finetune(
         """The logits that predict a next token (causal LM: all positions but the last)."""
         return logits[:, :-1] if task == "causal-lm" else logits
 
+    lm_weight = config.lm_weight if distill else 1.0
+    # The next-token loss alone: through the output layer a chunk of tokens at a time when the
+    # logits are a plain linear layer on the backbone's hidden states (trainables.head_loss).
+    split = split_head(model, train_data[:1, :_HEAD_CHECK_TOKENS].to(device)) \
+        if task == "causal-lm" and lm_weight == 1 else None
+
     def summed_loss(inputs: dict, targets: torch.Tensor) -> torch.Tensor:
         """The loss summed over the micro-batch's loss terms (see FinetuneConfig for the mix). The
         cross-entropy reads the logits whole (the last position's target is ignored): slicing
         [batch, len, vocab] logits copies them and zero-fills their size again in the backward pass."""
+        if split is not None:
+            backbone, head = split
+            return chunked_cross_entropy(backbone(**inputs)[0].flatten(0, -2), head, targets.flatten())
         logits = logits_of(model(**inputs))
-        lm_weight = config.lm_weight if distill else 1.0
         loss = torch.zeros((), device=device)
         if lm_weight > 0:
             cross_entropy = F.cross_entropy(upcast(logits).flatten(0, -2), targets.flatten(), ignore_index=IGNORE,
