@@ -37,6 +37,7 @@ from trainables.evaluation import (
     tokenize,
     upcast,
 )
+from trainables.frozen_cast import FrozenLinearCast
 from trainables.head_loss import IGNORE, chunked_cross_entropy, split_head
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -247,18 +248,17 @@ def _param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]
     return [g for g in groups if g["params"]]
 
 
-def _autocast(config: FinetuneConfig, device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], bool]:
-    """(a factory of the forward passes' autocast context, whether gradients need fp16 scaling):
-    `precision` on CUDA, `cpu_precision` on the CPU, float32 (no autocast) on other devices."""
+def _autocast_dtype(config: FinetuneConfig, device: torch.device) -> torch.dtype | None:
+    """The forward passes' autocast dtype (None: float32, no autocast): `precision` on CUDA,
+    `cpu_precision` on the CPU, float32 on other devices."""
     if device.type == "cpu" and config.cpu_precision == "bf16":
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             log.warning("finetune cpu_precision bf16: this CPU has no bf16 instructions, bf16 autocast may be "
                         "slower than float32")
-        return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), False
+        return torch.bfloat16
     if device.type != "cuda" or config.precision == "float32":
-        return contextlib.nullcontext, False
-    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
-    return (lambda: torch.autocast("cuda", dtype=dtype)), config.precision == "fp16"
+        return None
+    return torch.bfloat16 if config.precision == "bf16" else torch.float16
 
 
 def _checkpointing(model: nn.Module, enable: bool) -> None:
@@ -311,8 +311,9 @@ def finetune(
         if teacher is None:
             raise UserInputError("finetune loss 'distill' needs the teacher model (the dense model) to distil from")
         teacher.to(device).eval()
-    autocast, scaled = _autocast(config, device)
-    scaler = torch.amp.GradScaler("cuda") if scaled else None
+    dtype = _autocast_dtype(config, device)
+    autocast = contextlib.nullcontext if dtype is None else (lambda: torch.autocast(device.type, dtype=dtype))
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     optimizer = torch.optim.AdamW(_param_groups(params, config.weight_decay), lr=config.lr)
     scheduler = transformers.get_scheduler(_SCHEDULERS[config.schedule], optimizer, num_warmup_steps=config.warmup,
@@ -360,10 +361,13 @@ def finetune(
             loss = loss + (1 - lm_weight) * distillation_loss(predicting(logits), taught, config.temperature)
         return loss
 
+    frozen = None if dtype is None else FrozenLinearCast(model, dtype)
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     start, callback_seconds = time.perf_counter(), 0.0
     try:
         _checkpointing(model, config.gradient_checkpointing)
+        if frozen is not None:
+            frozen.cast()
         # Seeded dropout without touching the caller's global RNG state.
         with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(config.seed)
@@ -394,10 +398,16 @@ def finetune(
                 result.steps = step
                 if on_eval is not None and config.eval_every and step % config.eval_every == 0:
                     eval_start = time.perf_counter()
+                    if frozen is not None:
+                        frozen.restore()  # evaluations (and saved weights) see the float32 weights
                     on_eval(step)
                     model.train()
+                    if frozen is not None:
+                        frozen.cast()
                     callback_seconds += time.perf_counter() - eval_start
     finally:
+        if frozen is not None:
+            frozen.restore()
         optimizer.zero_grad(set_to_none=True)
         if config.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
             model.activation_checkpointing_disable()

@@ -37,11 +37,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             h = hidden_c[start:start + rows]
             z = (h @ weight_c.T if bias_c is None else torch.addmm(bias_c, h, weight_c.T)).to(exact)
             t = targets[start:start + rows]
-            kept = (t != IGNORE).unsqueeze(1)
+            kept = t != IGNORE
             index = t.clamp_min(0).unsqueeze(1)
-            lse = torch.logsumexp(z, dim=1, keepdim=True)
-            total += ((lse - z.gather(1, index)) * kept).sum()
-            grad = z.sub_(lse).exp_().scatter_add_(1, index, -kept.to(exact)).mul_(kept)  # softmax - onehot
+            picked = z.gather(1, index).squeeze(1)
+            top = z.amax(1, keepdim=True)
+            norm = z.sub_(top).exp_().sum(1, keepdim=True)  # in place: z holds exp(z - max) from here
+            total += ((top + norm.log()).squeeze(1) - picked)[kept].sum()
+            grad = z.div_(norm).scatter_add_(1, index, z.new_full(index.shape, -1.0))  # softmax - onehot
+            if not kept.all():
+                grad.index_fill_(0, (~kept).nonzero().squeeze(1), 0.0)
             grad_c = grad.to(dtype)
             grad_hidden[start:start + rows] = grad_c @ weight_c
             if grad_weight is not None:
