@@ -4,7 +4,8 @@ Autocast casts a linear layer's float32 weight to bf16 / fp16 at every call and 
 only for weights that train, so a frozen weight (LoRA's base layers, the layers `train` leaves
 out) is cast again in every forward pass of every step. Holding those weights in the autocast
 dtype while training runs gives the same products, bit for bit (the cast is the same rounding),
-without the casts: 7 % of a LoRA step of a compressed SmolLM2 under CPU bf16 (BENCHMARKS "heal").
+without the casts (BENCHMARKS "finetune step": a few per cent of a LoRA step of a compressed
+SmolLM2 under CPU bf16).
 The float32 tensors are kept and put back for evaluations and when training ends, so nothing is
 lost to rounding. Embeddings (and a head tied to them) are left alone: an embedding lookup is not
 autocast, its dtype would change the hidden states'.
