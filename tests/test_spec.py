@@ -39,7 +39,7 @@ def test_examples_validate_with_their_trial_counts():
     # + identity-form hybrid at 40 % x lora / lm;
     # frontier: 2 ratios x (whiten-fd, whiten-fd identity, hybrid identity)
     assert counts == {"quickstart": 20, "minilm-tweets": 18, "gemma3": 14, "optuna-ranks": 16,
-                      "llama-cluster": 32, "standard-eval": 4, "heal": 15, "frontier": 6}
+                      "llama-cluster": 32, "standard-eval": 4, "heal": 12, "frontier": 6}
 
 
 def test_expansion_is_the_union_of_the_blocks_without_duplicates():
