@@ -87,7 +87,7 @@ class FinetuneConfig:
     `lora_dropout`) to them and trains only those. The loss: "lm" is the task's cross-entropy;
     "distill" is (1 - lm_weight) T^2 KL(teacher || student) at temperature T + lm_weight times the
     cross-entropy. `precision` bf16 / fp16 autocasts the forward passes on CUDA; on the CPU they run
-    in float32 unless `cpu_precision` is bf16 (bf16 autocast: 1.3-2.8x faster steps on a CPU with
+    in float32 unless `cpu_precision` is bf16 (bf16 autocast: 1.1-2.8x faster steps on a CPU with
     AVX512-BF16 or AMX, slower on one without); `gradient_checkpointing` trades compute for
     activation memory.
     """
