@@ -1,6 +1,6 @@
 """Quality of every method x allocation on SmolLM2-135M, no finetuning.
 
-    python bench/quality.py [--calibration 32] [--eval-windows 64] [--ratios 0.2 0.4] [--no-write]
+    python bench/quality.py [--calibration 32] [--eval-windows 32] [--ratios 0.2 0.4] [--no-write]
 
 Calibrates once on `--calibration` x 256-token windows of `packaged:wiki`, decomposes every
 target once per method, then for every allocation and ratio truncates, compresses a copy and
@@ -63,7 +63,7 @@ def main() -> None:
         decs = decompose_model(model, stats, method)
         decompose_seconds = time.perf_counter() - start
         trial_seconds = []
-        for allocation in GRID_ALLOCATIONS:
+        for allocation in method.allocations or GRID_ALLOCATIONS:  # hybrid: spectrum only
             cells = []
             for ratio in args.ratios:
                 start = time.perf_counter()
@@ -88,7 +88,8 @@ def main() -> None:
         f"Perplexity on {args.eval_windows} held-out {args.seq_len}-token windows of `{EVAL}` "
         f"({held_out.numel():,} tokens). Dense perplexity: **{dense.value:.2f}**. "
         "`ratio` = fraction of the targeted linear weights removed (all q/k/v/o/gate/up/down; "
-        "for `id` the MLP weights).",
+        "for `id` and `id-fd` the MLP weights; `hybrid` only takes `spectrum`, which chooses per MLP "
+        "between pruning and factorising).",
         "",
         f"| method | allocation | {ratio_cols} |",
         "|---|---|" + "---|" * len(args.ratios),
