@@ -1,6 +1,7 @@
 """Frozen linear weights held in the autocast dtype while training (trainables.frozen_cast): the
 same training bit for bit, evaluations and the end see the float32 weights, embeddings untouched."""
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from tiny_models import tiny_model
@@ -8,6 +9,9 @@ from tiny_models import tiny_model
 import trainables.finetune as finetune_module
 from trainables.finetune import FinetuneConfig, finetune
 from trainables.frozen_cast import FrozenLinearCast
+
+# PEFT asks transformers a deprecated question while adding adapters (trainables.adapters hides it too)
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*deprecated:FutureWarning")
 
 
 def windows():
