@@ -35,8 +35,8 @@ def grid(**kw):
 def test_examples_validate_with_their_trial_counts():
     counts = {p.stem: trial_count(load_spec(p)) for p in sorted(EXAMPLES.glob("*.yaml"))}
     # quickstart: 6 methods x 2 ratios (uniform) + whiten-fd x 3 more allocations x 2 ratios
-    # heal: 2 ratios x ((full, lora) x (lm, distill) + identity form x (full / distill, lora / lm, lora / distill))
-    # + identity-form hybrid at 40 % x lora / lm;
+    # + identity-form whiten-fd / spectrum healed by LoRA x 2 ratios;
+    # heal: 2 ratios x ((full, lora) x (lm, distill) + identity-form hybrid x lora x (lm, distill));
     # frontier: 2 ratios x (whiten-fd, whiten-fd identity, hybrid identity)
     assert counts == {"quickstart": 20, "minilm-tweets": 18, "gemma3": 14, "optuna-ranks": 16,
                       "llama-cluster": 32, "standard-eval": 4, "heal": 12, "frontier": 6}
